@@ -1,0 +1,1 @@
+"""Teacher shard building: corpus reading, packing, teacher forward, top-k, shard writing."""

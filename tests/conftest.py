@@ -1,0 +1,52 @@
+"""Shared fixtures: an offline corpus, locally trained tokenizers and tiny causal LMs (session-scoped).
+
+Run the whole suite with `make test`; one file alone with `.venv/bin/python -m pytest tests/<file> -q`.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+
+from data_prep.local_models import make_causal_lm, python_docs_files, train_tokenizer
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    """Return a TCP port that is free on localhost right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def docs_files() -> list[Path]:
+    """A stable slice of the Python docs corpus (about 1 MB of English technical prose)."""
+    return python_docs_files(limit=60)
+
+
+@pytest.fixture(scope="session")
+def bytelevel_tokenizer(tmp_path_factory, docs_files) -> Path:
+    """Byte-level BPE (GPT-2/Llama-3 conventions) with a 2,048-token vocabulary."""
+    return train_tokenizer(docs_files, tmp_path_factory.mktemp("tok_bl"), 2048, kind="byte_level")
+
+
+@pytest.fixture(scope="session")
+def metaspace_tokenizer(tmp_path_factory, docs_files) -> Path:
+    """SentencePiece-style Metaspace BPE with byte fallback and a 2,048-token vocabulary."""
+    return train_tokenizer(docs_files, tmp_path_factory.mktemp("tok_ms"), 2048, kind="metaspace")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory, bytelevel_tokenizer) -> Path:
+    """A tiny randomly initialised Llama (6 layers, d=64) saved as a HF checkpoint with its tokenizer."""
+    return make_causal_lm(bytelevel_tokenizer, tmp_path_factory.mktemp("tiny_llama"), arch="llama")
