@@ -1,0 +1,137 @@
+"""One view of the launch environment: rank, world size and local rank from any launcher.
+
+Supported, in order of precedence: torchrun / the `deepspeed` launcher (RANK, WORLD_SIZE, LOCAL_RANK),
+Open MPI (OMPI_COMM_WORLD_*), MPICH / Intel MPI (PMI_RANK, PMI_SIZE), SLURM tasks (SLURM_PROCID,
+SLURM_NTASKS, SLURM_LOCALID). No MPI library is needed for any of them. A SLURM array job is a
+separate concern (`array_task()`): each array task is an independent world of its own.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from dataclasses import dataclass
+
+from spellm_ds.errors import SpellmError
+
+DEFAULT_PORT = 29500
+
+
+@dataclass(frozen=True, kw_only=True)
+class RankInfo:
+    """Where this process sits in the job."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    master_addr: str
+    master_port: int
+    launcher: str
+
+    @property
+    def is_main(self) -> bool:
+        """True on global rank 0."""
+        return self.rank == 0
+
+
+def _int(env: dict[str, str], name: str) -> int:
+    try:
+        return int(env[name])
+    except ValueError:
+        raise SpellmError(f"environment variable {name}={env[name]!r} is not an integer") from None
+
+
+def _slurm_master(env: dict[str, str]) -> str:
+    nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+    if not nodelist:
+        return "127.0.0.1"
+    try:
+        out = subprocess.run(
+            ["scontrol", "show", "hostnames", nodelist],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=30,
+        ).stdout.split()
+        return out[0] if out else "127.0.0.1"
+    except (OSError, subprocess.SubprocessError):
+        return nodelist.split(",")[0]
+
+
+def detect(env: dict[str, str] | None = None) -> RankInfo:
+    """Map the launcher's environment variables to one `RankInfo` (a single process when none is set)."""
+    env = dict(os.environ if env is None else env)
+    port = _int(env, "MASTER_PORT") if "MASTER_PORT" in env else DEFAULT_PORT
+    if "RANK" in env and "WORLD_SIZE" in env:
+        rank, world = _int(env, "RANK"), _int(env, "WORLD_SIZE")
+        local = _int(env, "LOCAL_RANK") if "LOCAL_RANK" in env else 0
+        local_world = _int(env, "LOCAL_WORLD_SIZE") if "LOCAL_WORLD_SIZE" in env else world
+        launcher = "torchrun"
+        addr = env.get("MASTER_ADDR", "127.0.0.1")
+    elif "OMPI_COMM_WORLD_RANK" in env:
+        rank, world = _int(env, "OMPI_COMM_WORLD_RANK"), _int(env, "OMPI_COMM_WORLD_SIZE")
+        local = _int(env, "OMPI_COMM_WORLD_LOCAL_RANK")
+        local_world = _int(env, "OMPI_COMM_WORLD_LOCAL_SIZE")
+        launcher = "mpirun"
+        addr = env.get("MASTER_ADDR", "127.0.0.1")
+    elif "PMI_RANK" in env and "PMI_SIZE" in env:
+        rank, world = _int(env, "PMI_RANK"), _int(env, "PMI_SIZE")
+        local = _int(env, "MPI_LOCALRANKID") if "MPI_LOCALRANKID" in env else 0
+        local_world = _int(env, "MPI_LOCALNRANKS") if "MPI_LOCALNRANKS" in env else world
+        launcher = "mpich"
+        addr = env.get("MASTER_ADDR", "127.0.0.1")
+    elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env and "SLURM_STEP_ID" in env:
+        rank, world = _int(env, "SLURM_PROCID"), _int(env, "SLURM_NTASKS")
+        local = _int(env, "SLURM_LOCALID") if "SLURM_LOCALID" in env else 0
+        tasks_per_node = env.get("SLURM_NTASKS_PER_NODE", "").split("(")[0]
+        local_world = int(tasks_per_node) if tasks_per_node.isdigit() else world
+        launcher = "srun"
+        addr = env.get("MASTER_ADDR") or _slurm_master(env)
+    else:
+        rank, world, local, local_world, launcher = 0, 1, 0, 1, "single"
+        addr = env.get("MASTER_ADDR", "127.0.0.1")
+    if world < 1 or not 0 <= rank < world:
+        raise SpellmError(f"rank {rank} is outside world size {world} (launcher {launcher})")
+    return RankInfo(
+        rank=rank,
+        world_size=world,
+        local_rank=local,
+        local_world_size=local_world,
+        master_addr=addr,
+        master_port=port,
+        launcher=launcher,
+    )
+
+
+def array_task(env: dict[str, str] | None = None) -> tuple[int, int]:
+    """Return (task index, task count) of a SLURM array job counted from 0, or (0, 1) outside one."""
+    env = dict(os.environ if env is None else env)
+    if "SLURM_ARRAY_TASK_ID" not in env:
+        return 0, 1
+    task = _int(env, "SLURM_ARRAY_TASK_ID") - (
+        _int(env, "SLURM_ARRAY_TASK_MIN") if "SLURM_ARRAY_TASK_MIN" in env else 0
+    )
+    count = _int(env, "SLURM_ARRAY_TASK_COUNT") if "SLURM_ARRAY_TASK_COUNT" in env else 1
+    return task, count
+
+
+def export_torch_env(info: RankInfo) -> None:
+    """Set RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT so torch.distributed's env:// init works."""
+    os.environ.update(
+        RANK=str(info.rank),
+        WORLD_SIZE=str(info.world_size),
+        LOCAL_RANK=str(info.local_rank),
+        LOCAL_WORLD_SIZE=str(info.local_world_size),
+        MASTER_ADDR=info.master_addr,
+        MASTER_PORT=str(info.master_port),
+    )
+
+
+def device_and_backend(info: RankInfo) -> tuple[str, str]:
+    """Return ("cuda:<local_rank>", "nccl") when CUDA is usable, else ("cpu", "gloo")."""
+    import torch
+
+    if torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") != "cpu":
+        return f"cuda:{info.local_rank % torch.cuda.device_count()}", "nccl"
+    return "cpu", "gloo"
