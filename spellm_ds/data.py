@@ -1,0 +1,701 @@
+"""Streaming reader for teacher shards: exactly once per epoch across ranks and workers, resumable.
+
+Pipeline (one per DataLoader worker; webdataset stages):
+
+    shard URLs ──► raw (key, payload) from our own tar parser ──► seeded shuffle buffer of raw items
+        ──► drop samples already consumed ──► decode survivors ──► batch of B ──► torch tensors
+
+- The shard list comes from `index.json` only (never from listing a directory); a shard's URL is
+  ``f"{location}/{name}"``, so `location` may be a local directory or any URL webdataset opens,
+  including a ``pipe:`` command that takes the object URL last and writes it to stdout
+  (``pipe:curl -sf https://host/ds``, ``pipe:s5cmd cat s3://bucket/ds``, ``pipe:gsutil cat gs://b/ds``).
+- Workers send batches at the stored widths as numpy arrays; the main process widens them to the
+  contract's tensors (`to_torch`): Long ids, float32 log-probs, bool mask, Long ``sample_index``.
+- Epoch plan: the global shard list is permuted by (seed, epoch); shards with unconsumed samples are
+  assigned to ranks greedily, largest remaining count first, each to the least loaded rank, then the
+  same way to the rank's worker slots. Every rank computes the whole plan from the same state, so no
+  communication is needed and the assignment is identical everywhere.
+- Exactly once: a global bitmap of consumed sample indices. The consuming process marks what it was
+  given (automatically as batches are yielded, or by `mark_consumed`). Before saving, a trainer ORs
+  the bitmaps of all ranks (`all_gather_state`, or `merge_states` on gathered states). After
+  `load_state_dict` at any world size the epoch's remaining samples are each consumed once.
+- Exact resume: at the same world size and worker count the plan is kept and the consumed filter
+  runs after the shuffle, so every worker's stream of survivors, and its batch boundaries, equal the
+  uninterrupted run's; the DataLoader visits workers round-robin, and the saved cursor (the slot after
+  the last batch's slot) rotates the workers so the round-robin continues where it stopped. The next
+  batches after a resume are therefore the ones an uninterrupted run would have produced.
+- Epoch end (training, ``partial=False``): each worker yields only full batches of exactly B; every rank
+  takes the same number of steps, the minimum over ranks of its full batches, so data-parallel ranks
+  stay in step. The rest of the epoch (each worker's last partial batch and the surplus of fuller
+  ranks) is dropped for that epoch, like ``drop_last``; the next epoch starts from a fresh bitmap and a
+  new permutation. With ``partial=True`` (evaluation) a pass yields every remaining sample, last
+  batches possibly smaller, and with ``equal_steps`` ranks with fewer batches pad with filler batches.
+- Filler batch: ``sample_index == -1`` and ``loss_mask`` all False (``input_ids`` = EOS). It appears only
+  to keep ranks' step counts equal: in evaluation, and in training when skipped corrupt samples left a
+  rank short of the common step count. A loss must tolerate a batch with no unmasked position.
+- Corrupt data: by default a `ShardError` naming the shard and sample key stops the run; with
+  ``skip_corrupt`` the sample (or the rest of a broken shard) is skipped, marked consumed and counted in
+  `ShardLoader.corrupt_skipped`.
+
+State (`ShardLoader.state_dict`, JSON-safe): ``format``, ``version``, ``dataset`` (fingerprint, samples),
+``seed``, ``epoch``, ``consumed`` (bitmap over global sample indices: ``np.packbits`` → zlib → base64),
+``plan`` (``world_size``, ``num_workers`` and the ``base`` bitmap the epoch's shard assignment was
+computed from; ``None`` = epoch start), ``cursor`` (next worker slot per rank; ``None`` for ranks not
+merged in yet), ``ranks`` (ranks whose consumption is merged in), ``corrupt_skipped``, ``corrupt_base``.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import heapq
+import itertools
+import json
+import random
+import zlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from spellm_ds.errors import ShardError, SpellmError
+from spellm_ds.shards import decode_sample, iter_tar_members, key_to_index, read_index
+
+STATE_FORMAT = "spellm-ds-loader-state"
+STATE_VERSION = 1
+FILLER_INDEX = -1
+
+
+def check_tokenizer(
+    index: dict[str, Any],
+    tokenizer_hash: str,
+    *,
+    seq_len: int | None = None,
+    top_k: int | None = None,
+    where: str = "dataset",
+) -> None:
+    """Refuse a dataset whose tokenizer hash (or seq_len / top_k, when given) differs from the model's."""
+    problems = []
+    if index.get("tokenizer_hash") != tokenizer_hash:
+        problems.append(
+            f"tokenizer hash {index.get('tokenizer_hash')!r} differs from the model's {tokenizer_hash!r} "
+            "(the shards were built with another tokenizer; rebuild them with the model's)"
+        )
+    if seq_len is not None and index.get("seq_len") != seq_len:
+        problems.append(f"seq_len {index.get('seq_len')} differs from the expected {seq_len}")
+    if top_k is not None and index.get("top_k") != top_k:
+        problems.append(f"top_k {index.get('top_k')} differs from the expected {top_k}")
+    if problems:
+        raise SpellmError(f"{where}: " + "; ".join(problems))
+
+
+@dataclass(kw_only=True)
+class LoaderConfig:
+    """How to stream one teacher-shard dataset."""
+
+    location: str  # dataset directory or URL prefix (``pipe:...`` allowed) holding index.json
+    batch_size: int  # samples per batch (per rank)
+    seed: int = 0  # shuffles shards and samples; a loaded state's seed takes precedence
+    num_workers: int = 2  # DataLoader worker processes per rank (0 = read in the calling process)
+    shuffle: bool = True  # permute shards per epoch and shuffle samples through a buffer
+    shuffle_buffer: int = 1000  # raw (still compressed) samples held per worker for shuffling
+    partial: bool = False  # evaluation pass: yield every sample, last batches may be smaller
+    equal_steps: bool = True  # with partial: pad ranks with filler batches to the same step count
+    skip_corrupt: bool = False  # skip and count corrupt samples instead of raising ShardError
+    auto_mark: bool = True  # mark a batch consumed as it is yielded (else call mark_consumed)
+    tokenizer_hash: str | None = None  # refuse a dataset built with another tokenizer
+    seq_len: int | None = None  # refuse a dataset with another sequence length
+    top_k: int | None = None  # refuse a dataset with another top-k
+    prefetch_factor: int = 2  # batches prefetched per worker
+    pin_memory: bool = False  # pin batches for faster host-to-GPU copies
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not str(self.location):
+            problems.append("location must not be empty")
+        if self.batch_size < 1:
+            problems.append(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.num_workers < 0:
+            problems.append(f"num_workers must be >= 0, got {self.num_workers}")
+        if self.shuffle_buffer < 1:
+            problems.append(f"shuffle_buffer must be >= 1, got {self.shuffle_buffer}")
+        if self.prefetch_factor < 1:
+            problems.append(f"prefetch_factor must be >= 1, got {self.prefetch_factor}")
+        if problems:
+            raise SpellmError("LoaderConfig: " + "; ".join(problems))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Bitmaps and plans (pure functions)
+
+
+def pack_bitmap(bits: np.ndarray) -> str:
+    """Encode a bool array as base64 text of zlib-compressed packed bits."""
+    return base64.b64encode(zlib.compress(np.packbits(bits.astype(bool)).tobytes(), 6)).decode("ascii")
+
+
+def unpack_bitmap(text: str, count: int, where: str = "state") -> np.ndarray:
+    """Decode `pack_bitmap` output back into a bool array of `count` entries."""
+    try:
+        raw = zlib.decompress(base64.b64decode(text.encode("ascii"), validate=True))
+    except (ValueError, zlib.error) as exc:
+        raise SpellmError(f"{where}: consumed bitmap is not valid base64/zlib ({exc})") from None
+    if len(raw) != (count + 7) // 8:
+        raise SpellmError(f"{where}: bitmap holds {len(raw)} bytes, {count} samples need {(count + 7) // 8}")
+    return np.unpackbits(np.frombuffer(raw, dtype=np.uint8), count=count).astype(bool)
+
+
+def _greedy(items: Sequence[tuple[int, int]], bins: int) -> list[list[int]]:
+    """Assign (id, weight) items, heaviest first, each to the lightest bin; bins keep the items' order."""
+    order = sorted(range(len(items)), key=lambda i: (-items[i][1], i))
+    heap = [(0, b) for b in range(bins)]
+    chosen: list[list[int]] = [[] for _ in range(bins)]
+    for i in order:
+        load, b = heapq.heappop(heap)
+        chosen[b].append(i)
+        heapq.heappush(heap, (load + items[i][1], b))
+    return [[items[i][0] for i in sorted(c)] for c in chosen]
+
+
+def shard_order(num_shards: int, seed: int, epoch: int, shuffle: bool = True) -> list[int]:
+    """Return the epoch's global shard order: a permutation drawn from (seed, epoch)."""
+    if not shuffle:
+        return list(range(num_shards))
+    return [int(i) for i in np.random.default_rng([seed, epoch]).permutation(num_shards)]
+
+
+def plan_epoch(
+    remaining: Sequence[int], *, seed: int, epoch: int, world_size: int, num_slots: int, shuffle: bool = True
+) -> list[list[list[int]]]:
+    """Return plan[rank][slot] = shard positions, balancing remaining samples over ranks, then slots."""
+    order = shard_order(len(remaining), seed, epoch, shuffle)
+    live = [(s, int(remaining[s])) for s in order if remaining[s] > 0]
+    plan = []
+    for rank_shards in _greedy(live, world_size):
+        mine = [(s, int(remaining[s])) for s in rank_shards]
+        plan.append(_greedy(mine, num_slots))
+    return plan
+
+
+def slot_counts(plan: list[list[list[int]]], remaining: Sequence[int]) -> list[list[int]]:
+    """Return the number of unconsumed samples in every (rank, slot) of a plan."""
+    return [[sum(int(remaining[s]) for s in slot) for slot in rank] for rank in plan]
+
+
+def epoch_steps(counts: list[list[int]], batch_size: int, partial: bool, equal_steps: bool, rank: int) -> int:
+    """Return the batches rank `rank` yields: the common full-batch minimum, or with partial all batches."""
+    if not partial:
+        return min(sum(c // batch_size for c in slots) for slots in counts)
+    per_rank = [sum(-(-c // batch_size) for c in slots) for slots in counts]
+    return max(per_rank) if equal_steps else per_rank[rank]
+
+
+def _slot_seed(seed: int, epoch: int, rank: int, slot: int) -> int:
+    return int(np.random.SeedSequence([seed, epoch, rank, slot]).generate_state(1)[0])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Worker side
+
+
+@dataclass(frozen=True)
+class _Shard:
+    url: str
+    first: int
+    count: int
+
+
+def _collate(samples: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+    # Stored widths cross the process boundary (35 bytes per token with top-5, not 69); the main
+    # process widens them. Plain arrays through the worker queue beat torch shared-memory tensors here.
+    return {
+        "input_ids": np.stack([s["input_ids"] for s in samples]),
+        "topk_ids": np.stack([s["topk_ids"] for s in samples]),
+        "topk_logprobs": np.stack([s["topk_logprobs"] for s in samples]),
+        "loss_mask": np.stack([s["loss_mask"] for s in samples]),
+        "sample_index": np.array([s["index"] for s in samples], dtype=np.int64),
+    }
+
+
+def _keep(item: Any) -> Any:
+    return item
+
+
+def to_torch(batch: dict[str, np.ndarray], pin_memory: bool = False) -> dict[str, torch.Tensor]:
+    """Convert a worker batch into the contract's tensors (Long ids, float32 log-probs, bool mask)."""
+    out = {
+        "input_ids": torch.from_numpy(batch["input_ids"].astype(np.int64)),
+        "topk_ids": torch.from_numpy(batch["topk_ids"].astype(np.int64)),
+        "topk_logprobs": torch.from_numpy(batch["topk_logprobs"].astype(np.float32)),
+        "loss_mask": torch.from_numpy(np.ascontiguousarray(batch["loss_mask"], dtype=bool)),
+        "sample_index": torch.from_numpy(np.ascontiguousarray(batch["sample_index"], dtype=np.int64)),
+    }
+    return {k: v.pin_memory() for k, v in out.items()} if pin_memory else out
+
+
+class ShardDataset(IterableDataset):
+    """The batches of one rank's worker slots; DataLoader worker j streams slot (cursor + j) % slots."""
+
+    def __init__(
+        self,
+        *,
+        slots: list[list[_Shard]],
+        cursor: int,
+        consumed: np.ndarray,
+        batch_size: int,
+        seq_len: int,
+        top_k: int,
+        vocab_size: int,
+        seeds: list[int],
+        shuffle: bool,
+        shuffle_buffer: int,
+        partial: bool,
+        skip_corrupt: bool,
+    ) -> None:
+        super().__init__()
+        self.slots = slots
+        self.cursor = cursor
+        self.consumed = consumed
+        self.batch_size = batch_size
+        self.seq_len = seq_len
+        self.top_k = top_k
+        self.vocab_size = vocab_size
+        self.seeds = seeds
+        self.shuffle = shuffle
+        self.shuffle_buffer = shuffle_buffer
+        self.partial = partial
+        self.skip_corrupt = skip_corrupt
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        """Yield this worker's batches, then one final item carrying leftover skip reports."""
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        if workers != len(self.slots):
+            raise SpellmError(f"DataLoader has {workers} workers but the plan has {len(self.slots)} slots")
+        slot = (self.cursor + worker) % len(self.slots)
+        skipped: list[int] = []
+        try:
+            for batch in self._pipeline(slot, skipped):
+                batch["_slot"] = slot
+                batch["_skipped"], skipped[:] = list(skipped), []
+                yield batch
+        except ShardError as exc:
+            yield {"_error": str(exc)}
+            return
+        yield {"_final": True, "_skipped": list(skipped)}
+
+    def _pipeline(self, slot: int, skipped: list[int]) -> wds.DataPipeline:
+        consumed = self.consumed
+        shards = list(self.slots[slot])
+        stages: list[Any] = [lambda: iter(shards), self._raw_stage(skipped)]
+        if self.shuffle:
+            rng = random.Random(self.seeds[slot])
+            stages.append(wds.shuffle(self.shuffle_buffer, self.shuffle_buffer, rng=rng))
+        stages.append(wds.select(lambda item: not consumed[item[1]]))
+        stages.append(self._decode_stage(skipped))
+        stages.append(wds.batched(self.batch_size, collation_fn=_collate, partial=self.partial))
+        return wds.DataPipeline(*stages)
+
+    def _raw_stage(self, skipped: list[int]) -> Callable[[Iterator[_Shard]], Iterator[tuple]]:
+        consumed, skip = self.consumed, self.skip_corrupt
+
+        def raw(shards: Iterator[_Shard]) -> Iterator[tuple[str, int, bytes, str]]:
+            for shard in shards:
+                seen: set[int] = set()
+                fh = None
+                try:
+                    fh = wds.gopen(shard.url, "rb")
+                    for key, payload in iter_tar_members(fh, shard.url):
+                        index = key_to_index(key)
+                        if not shard.first <= index < shard.first + shard.count or index in seen:
+                            why = "a duplicate" if index in seen else "outside the shard's range"
+                            raise ShardError(
+                                f"{shard.url}/{key}: sample is {why} "
+                                f"[{shard.first}, {shard.first + shard.count}) of index.json"
+                            )
+                        seen.add(index)
+                        yield shard.url, index, payload, key
+                    fh, handle = None, fh
+                    handle.close()  # a pipe reports its command's exit status here
+                    if len(seen) != shard.count:
+                        raise ShardError(
+                            f"{shard.url}: holds {len(seen)} samples, index.json says {shard.count}"
+                        )
+                except (ShardError, OSError, ValueError) as exc:
+                    msg = str(exc) if isinstance(exc, ShardError) else f"{shard.url}: cannot read ({exc})"
+                    if not skip:
+                        raise ShardError(msg) from None
+                    lost = np.arange(shard.first, shard.first + shard.count)
+                    skipped.extend(int(i) for i in lost[~consumed[lost]] if int(i) not in seen)
+                finally:
+                    if fh is not None:  # stopped early or failed: close quietly
+                        with contextlib.suppress(OSError, ValueError):
+                            fh.close()
+
+        return raw
+
+    def _decode_stage(self, skipped: list[int]) -> Callable[[Iterator[tuple]], Iterator[dict[str, Any]]]:
+        skip = self.skip_corrupt
+        seq_len, top_k, vocab = self.seq_len, self.top_k, self.vocab_size
+
+        def decode(items: Iterator[tuple[str, int, bytes, str]]) -> Iterator[dict[str, Any]]:
+            for url, index, payload, key in items:
+                where = f"{url}/{key}"
+                try:
+                    sample = decode_sample(payload, where)
+                    if sample["input_ids"].shape[0] != seq_len or sample["topk_ids"].shape[1] != top_k:
+                        raise ShardError(
+                            f"{where}: sample is L={sample['input_ids'].shape[0]}, "
+                            f"K={sample['topk_ids'].shape[1]}; index.json says L={seq_len}, K={top_k}"
+                        )
+                    if sample["vocab_size"] != vocab:
+                        raise ShardError(
+                            f"{where}: vocab_size {sample['vocab_size']} differs from index.json's {vocab}"
+                        )
+                except ShardError:
+                    if not skip:
+                        raise
+                    skipped.append(index)
+                    continue
+                sample["index"] = index
+                yield sample
+
+        return decode
+
+
+# ---------------------------------------------------------------------------------------------------
+# Main-process side
+
+
+def _dataset_fingerprint(index: dict[str, Any]) -> str:
+    rows = [(e["name"], e["first_sample"], e["samples"], e["sha256"]) for e in index["shards"]]
+    return hashlib.sha256(json.dumps([index["tokenizer_hash"], rows]).encode()).hexdigest()[:32]
+
+
+class ShardLoader:
+    """Batches of one rank: `forever()` (training, over epochs), `iter_epoch()` (the epoch's remainder)."""
+
+    def __init__(self, config: LoaderConfig, *, rank: int | None = None, world_size: int | None = None):
+        if rank is None or world_size is None:
+            from spellm_ds.dist import detect
+
+            info = detect()
+            rank = info.rank if rank is None else rank
+            world_size = info.world_size if world_size is None else world_size
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise SpellmError(f"rank {rank} is outside world size {world_size}")
+        self.config = config
+        self.rank, self.world_size = rank, world_size
+        self.num_slots = max(1, config.num_workers)
+        self.location = str(config.location).rstrip("/")
+        self.index = read_index(self.location)
+        if config.tokenizer_hash is not None or config.seq_len is not None or config.top_k is not None:
+            check_tokenizer(
+                self.index,
+                config.tokenizer_hash if config.tokenizer_hash is not None else self.index["tokenizer_hash"],
+                seq_len=config.seq_len,
+                top_k=config.top_k,
+                where=self.location,
+            )
+        self.seq_len, self.top_k = int(self.index["seq_len"]), int(self.index["top_k"])
+        self.vocab_size = int(self.index["vocab_size"])
+        self.eos_id = int(self.index.get("eos_id", 0))
+        self._shards = self._read_shards()
+        self.num_samples = max((s.first + s.count for s in self._shards), default=0)
+        self.fingerprint = _dataset_fingerprint(self.index)
+        self.seed = config.seed
+        self.epoch = 0
+        self.consumed = np.zeros(self.num_samples, dtype=bool)
+        self._base: np.ndarray | None = None
+        self._plan_world = (self.world_size, self.num_slots)
+        self._cursors: list[int | None] = [None] * self.world_size
+        self._cursors[self.rank] = 0
+        self._corrupt_base = 0
+        self._corrupt_new = 0
+        self._plan_cache: tuple[Any, ...] | None = None
+        self._plan_gen = 0
+
+    def _read_shards(self) -> list[_Shard]:
+        shards, spans = [], []
+        for e in self.index["shards"]:
+            try:
+                name, first, count = str(e["name"]), int(e["first_sample"]), int(e["samples"])
+            except (KeyError, TypeError, ValueError):
+                raise SpellmError(f"{self.location}/index.json: malformed shard entry {e!r}") from None
+            if "/" in name or name.startswith(".") or first < 0 or count < 0:
+                raise SpellmError(f"{self.location}/index.json: bad shard entry {name!r}")
+            shards.append(_Shard(f"{self.location}/{name}", first, count))
+            spans.append((first, first + count, name))
+        spans.sort()
+        for (_, end, a), (start, _, b) in itertools.pairwise(spans):
+            if start < end:
+                raise SpellmError(f"{self.location}/index.json: shards {a} and {b} overlap")
+        return shards
+
+    # -- accounting --------------------------------------------------------------------------------
+
+    @property
+    def corrupt_skipped(self) -> int:
+        """Corrupt samples skipped so far (all ranks before the last load, plus this rank since)."""
+        return self._corrupt_base + self._corrupt_new
+
+    def mark_consumed(self, sample_index: torch.Tensor | np.ndarray | Sequence[int]) -> None:
+        """Record samples as consumed by this rank (filler indices -1 are ignored)."""
+        idx = np.asarray(
+            sample_index.cpu().numpy() if isinstance(sample_index, torch.Tensor) else sample_index,
+            dtype=np.int64,
+        ).reshape(-1)
+        idx = idx[idx != FILLER_INDEX]
+        if idx.size and (idx.min() < 0 or idx.max() >= self.num_samples):
+            raise SpellmError(f"sample index outside [0, {self.num_samples}) of {self.location}")
+        self.consumed[idx] = True
+
+    def _remaining(self, bits: np.ndarray) -> np.ndarray:
+        csum = np.concatenate([[0], np.cumsum(bits, dtype=np.int64)])
+        first = np.array([s.first for s in self._shards], dtype=np.int64)
+        count = np.array([s.count for s in self._shards], dtype=np.int64)
+        return count - (csum[first + count] - csum[first])
+
+    def _plan(self) -> list[list[list[int]]]:
+        key = (self.seed, self.epoch, self._plan_world, self._plan_gen)
+        if self._plan_cache is None or self._plan_cache[0] != key:
+            base = self._base if self._base is not None else np.zeros(self.num_samples, dtype=bool)
+            plan = plan_epoch(
+                self._remaining(base),
+                seed=self.seed,
+                epoch=self.epoch,
+                world_size=self.world_size,
+                num_slots=self.num_slots,
+                shuffle=self.config.shuffle,
+            )
+            self._plan_cache = (key, plan)
+        return self._plan_cache[1]
+
+    def remaining_steps(self) -> int:
+        """Batches this rank yields in the rest of the current epoch (equal on all ranks in training)."""
+        counts = slot_counts(self._plan(), self._remaining(self.consumed))
+        cfg = self.config
+        return epoch_steps(counts, cfg.batch_size, cfg.partial, cfg.equal_steps, self.rank)
+
+    def steps_per_epoch(self, epoch: int | None = None) -> int:
+        """Batches per rank in a whole fresh epoch (default: the next one) at this world size."""
+        epoch = self.epoch + 1 if epoch is None else epoch
+        fresh = np.zeros(self.num_samples, dtype=bool)
+        remaining = self._remaining(fresh)
+        plan = plan_epoch(
+            remaining,
+            seed=self.seed,
+            epoch=epoch,
+            world_size=self.world_size,
+            num_slots=self.num_slots,
+            shuffle=self.config.shuffle,
+        )
+        cfg = self.config
+        return epoch_steps(
+            slot_counts(plan, remaining), cfg.batch_size, cfg.partial, cfg.equal_steps, self.rank
+        )
+
+    def start_epoch(self, epoch: int) -> None:
+        """Begin `epoch` afresh: empty bitmap, new permutation, plan for the current world size."""
+        self.epoch = int(epoch)
+        self.consumed = np.zeros(self.num_samples, dtype=bool)
+        self._base = None
+        self._plan_gen += 1
+        self._plan_world = (self.world_size, self.num_slots)
+        self._cursors = [None] * self.world_size
+        self._cursors[self.rank] = 0
+
+    # -- iteration ---------------------------------------------------------------------------------
+
+    def _filler(self) -> dict[str, torch.Tensor]:
+        b, n, k = self.config.batch_size, self.seq_len, self.top_k
+        return {
+            "input_ids": torch.full((b, n), self.eos_id, dtype=torch.int64),
+            "topk_ids": torch.full((b, n, k), self.eos_id, dtype=torch.int64),
+            "topk_logprobs": torch.zeros((b, n, k), dtype=torch.float32),
+            "loss_mask": torch.zeros((b, n), dtype=torch.bool),
+            "sample_index": torch.full((b,), FILLER_INDEX, dtype=torch.int64),
+        }
+
+    def _make_dataset(self, plan: list[list[list[int]]]) -> ShardDataset:
+        cfg = self.config
+        mine = plan[self.rank]
+        return ShardDataset(
+            slots=[[self._shards[s] for s in slot] for slot in mine],
+            cursor=self._cursors[self.rank] or 0,
+            consumed=self.consumed.copy(),
+            batch_size=cfg.batch_size,
+            seq_len=self.seq_len,
+            top_k=self.top_k,
+            vocab_size=self.vocab_size,
+            seeds=[_slot_seed(self.seed, self.epoch, self.rank, j) for j in range(len(mine))],
+            shuffle=cfg.shuffle,
+            shuffle_buffer=cfg.shuffle_buffer,
+            partial=cfg.partial,
+            skip_corrupt=cfg.skip_corrupt,
+        )
+
+    def iter_epoch(self) -> Iterator[dict[str, torch.Tensor]]:
+        """Yield the batches of the rest of the current epoch (see the module docstring for its end)."""
+        cfg = self.config
+        target = self.remaining_steps()
+        if target == 0:
+            return
+        dataset = self._make_dataset(self._plan())
+        loader = DataLoader(
+            dataset,
+            batch_size=None,
+            num_workers=cfg.num_workers,
+            prefetch_factor=cfg.prefetch_factor if cfg.num_workers > 0 else None,
+            collate_fn=_keep,
+        )
+        done = 0
+        stream = iter(loader)
+        try:
+            for item in stream:
+                if "_error" in item:
+                    raise ShardError(item["_error"])
+                lost = item.pop("_skipped")
+                if lost:
+                    self._corrupt_new += len(lost)
+                    self.consumed[np.asarray(lost, dtype=np.int64)] = True
+                if item.pop("_final", False):
+                    continue
+                self._cursors[self.rank] = (item.pop("_slot") + 1) % self.num_slots
+                batch = to_torch(item, cfg.pin_memory)
+                if cfg.auto_mark:
+                    self.mark_consumed(batch["sample_index"])
+                done += 1
+                yield batch
+                if done >= target:
+                    return
+        finally:
+            del stream
+        while done < target:
+            done += 1
+            yield self._filler()
+
+    def forever(self) -> Iterator[dict[str, torch.Tensor]]:
+        """Yield training batches over successive epochs, resuming inside the current one."""
+        while True:
+            if self.remaining_steps() == 0 and self._base is None and not self.consumed.any():
+                raise SpellmError(
+                    f"{self.location}: {self.num_samples} samples give no batch of {self.config.batch_size} "
+                    f"at world size {self.world_size} with {self.num_slots} worker slot(s)"
+                )
+            yield from self.iter_epoch()
+            self.start_epoch(self.epoch + 1)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        """Training (`partial=False`): `forever()`; evaluation (`partial=True`): `iter_epoch()`."""
+        return self.iter_epoch() if self.config.partial else self.forever()
+
+    # -- state -------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Return this rank's resumable state (merge all ranks' states before saving)."""
+        return {
+            "format": STATE_FORMAT,
+            "version": STATE_VERSION,
+            "dataset": {"fingerprint": self.fingerprint, "samples": self.num_samples},
+            "seed": self.seed,
+            "epoch": self.epoch,
+            "consumed": pack_bitmap(self.consumed),
+            "plan": {
+                "world_size": self._plan_world[0],
+                "num_workers": self._plan_world[1],
+                "base": None if self._base is None else pack_bitmap(self._base),
+            },
+            "cursor": list(self._cursors),
+            "ranks": [self.rank],
+            "corrupt_skipped": self.corrupt_skipped,
+            "corrupt_base": self._corrupt_base,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a merged state; at another world size or worker count the rest is re-planned."""
+        _check_state(state)
+        if state["dataset"] != {"fingerprint": self.fingerprint, "samples": self.num_samples}:
+            raise SpellmError(
+                f"loader state belongs to another dataset (fingerprint {state['dataset']['fingerprint']}, "
+                f"{state['dataset']['samples']} samples) than {self.location} "
+                f"({self.fingerprint}, {self.num_samples} samples)"
+            )
+        plan = state["plan"]
+        if sorted(state["ranks"]) != list(range(plan["world_size"])):
+            raise SpellmError(
+                f"loader state holds ranks {sorted(state['ranks'])} of world size {plan['world_size']}: "
+                "merge every rank's state (all_gather_state or merge_states) before saving it"
+            )
+        self.seed = int(state["seed"])
+        self.epoch = int(state["epoch"])
+        self.consumed = unpack_bitmap(state["consumed"], self.num_samples)
+        same = (plan["world_size"], plan["num_workers"]) == (self.world_size, self.num_slots)
+        if same:
+            self._base = None if plan["base"] is None else unpack_bitmap(plan["base"], self.num_samples)
+            self._cursors = [int(c) for c in state["cursor"]]
+        else:
+            self._base = self.consumed.copy()
+            self._cursors = [0] * self.world_size
+        self._plan_world = (self.world_size, self.num_slots)
+        self._plan_gen += 1
+        self._corrupt_base = int(state["corrupt_skipped"])
+        self._corrupt_new = 0
+
+
+def _check_state(state: dict[str, Any]) -> None:
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        raise SpellmError(
+            f"not a loader state (format {state.get('format') if isinstance(state, dict) else None!r})"
+        )
+    if state.get("version") != STATE_VERSION:
+        raise SpellmError(f"loader state version {state.get('version')} is not {STATE_VERSION}")
+
+
+def merge_states(states: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Merge the states of several ranks: OR of consumed bitmaps, cursors and corrupt counts combined."""
+    if not states:
+        raise SpellmError("merge_states needs at least one state")
+    for s in states:
+        _check_state(s)
+    first = states[0]
+    for field in ("dataset", "seed", "epoch", "plan", "corrupt_base"):
+        values = {json.dumps(s[field], sort_keys=True) for s in states}
+        if len(values) != 1:
+            raise SpellmError(f"loader states disagree on {field!r}; they come from different runs or epochs")
+    count = first["dataset"]["samples"]
+    consumed = np.zeros(count, dtype=bool)
+    cursors: list[int | None] = [None] * first["plan"]["world_size"]
+    ranks: set[int] = set()
+    for s in states:
+        consumed |= unpack_bitmap(s["consumed"], count)
+        for r in s["ranks"]:
+            cursors[r] = s["cursor"][r]
+        ranks.update(s["ranks"])
+    base = int(first["corrupt_base"])
+    total = base + sum(int(s["corrupt_skipped"]) - base for s in states)
+    merged = dict(first)
+    merged.update(
+        consumed=pack_bitmap(consumed),
+        cursor=cursors,
+        ranks=sorted(ranks),
+        corrupt_skipped=total,
+        corrupt_base=total,
+    )
+    return merged
+
+
+def all_gather_state(loader: ShardLoader, group: Any = None) -> dict[str, Any]:
+    """Collective: gather every rank's loader state and return the merged state on every rank."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return merge_states([loader.state_dict()])
+    states: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(states, loader.state_dict(), group=group)
+    return merge_states(states)
