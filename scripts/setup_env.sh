@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 
 VENV=${VENV:-.venv}
 PYTHON=${PYTHON:-python3}
-APT_PACKAGES=(openmpi-bin libopenmpi-dev slurm-wlm slurmctld slurmd slurm-client munge python3.11-doc)
+APT_PACKAGES=(openmpi-bin libopenmpi-dev slurm-wlm slurmctld slurmd slurm-client munge python3.11-doc shellcheck)
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do

@@ -1,0 +1,509 @@
+"""Per-GPU memory and communication plan for distilling an HF causal LM under ZeRO-3, from its config.json.
+
+Nothing is loaded but the config: parameter counts follow exactly from the tensor shapes that the
+Llama, Mistral and Qwen2 layouts of `transformers` create. Memory is in bytes per GPU (printed in GiB,
+2^30 bytes; `--gpu-mem-gb` is read as GiB, the unit `nvidia-smi` reports in).
+
+Notation: d hidden size, f FFN size, L layers, h heads, g key/value heads, e head dim, V vocabulary,
+k char heads, C charset size, N trainable (tail) layers, W = nodes × GPUs per node (ZeRO-3 partition
+group), H the hpZ node-local partition size (1 = off), B micro-batch, S sequence length, A gradient
+accumulation steps.
+
+Parameters (exact):
+    attention   = d·h·e + 2·d·g·e + h·e·d  (+ h·e + 2·g·e q/k/v biases: Qwen2, Llama attention_bias;
+                                           + d o_proj bias: Llama attention_bias)
+    mlp         = 3·d·f  (+ 2·f + d with Llama mlp_bias)
+    layer       = attention + mlp + 2·d (two RMSNorm weights)
+    base        = V·d (embedding) + L·layer + d (final norm) + V·d (lm_head, absent when tied)
+    char heads  = d·k·C  (one bias-free [d, k·C] projection)
+    total P     = base + char heads
+    trainable T = char heads + N·mlp            frozen = P − T
+    largest module = the module with the most direct parameters (embedding or lm_head at real sizes);
+                     the same figure as DeepSpeed's `model_to_params`.
+
+Model states per GPU (ZeRO-3, bf16 weights, fp32 Adam; DeepSpeed keeps optimizer state only for
+parameters that require grad):
+    params      = 2·P / W                   bf16 primary partition, all parameters
+    hpZ copy    = 2·P / H  (H > 1)          ZeRO++ secondary partition inside the node; frozen params
+                                            keep theirs for the whole run, trainable ones rebuild it
+                                            after every optimizer step
+    gradients   = (2 + 4)·T / W             bf16 reduce-scatter partition + its fp32 copy at step time
+    optimizer   = (4 + 4 + 4)·T / W         fp32 master weights + Adam m + Adam v
+    DeepSpeed's `estimate_zero3_model_states_mem_needs` (no offload) assumes every parameter trains
+    and charges 18·P/W + 4·largest_module: its 18 bytes are our 2 + 4 + 12 without the 2-byte bf16
+    gradient buffer, so with T = P ours = DeepSpeed's − 4·largest_module + 2·P/W (tested).
+    gather working set = 2·(largest module + layer): one module gathered in full plus the next decoder
+                         layer prefetched. With `tail_resident` (a `stage3_max_reuse_distance` above
+                         the backward's P_bwd, as ds_configs/zero3_70b_multinode.json sets) the P_bwd
+                         parameters stay gathered from their forward use to the backward: + 2·P_bwd.
+
+Activations per GPU (bf16, fused/flash attention so no S² term, no activation checkpointing):
+    tail layer (with grad), saved per token = 2·(6·d + 2·g·e + 4·f) + 8 bytes
+        residual in, norm out, q, k, v, attention out, residual mid, norm out (6·d + 2·g·e), gate, up,
+        SiLU(gate), product (4·f), two fp32 RMSNorm inverse-rms (8 bytes); charged to all N layers
+        (the first one needs only its MLP's share: an upper bound).
+    head, per token = 2·2·d + 3·4·k·C        final norm in/out, char logits, log-softmax and their
+                                            gradient in fp32
+    one-layer transient, per token = 2·(3·d + 2·g·e + 3·f)
+        a frozen-prefix layer under no-grad (nothing saved, one layer alive at a time), and equally
+        the gradient buffers of one layer during backward
+    regulariser chunk (fixed) = 2·4·R·V        R = tokens per chunk of the frozen-lm_head regulariser:
+                                            fp32 logits and their gradient
+    peak = B·S·(N·tail + head + transient) + chunk
+
+Fit: model states + gather working set + activations + reserve (CUDA context, NCCL buffers,
+allocator fragmentation; default 4 GiB) ≤ GPU memory. Activations are linear in B, so the largest
+micro-batch that fits is ⌊(GPU memory − everything else) / (peak activations per sample)⌋.
+
+All-gather traffic, bytes received per GPU per optimizer step (A micro-batches). Every micro-batch
+gathers all P parameters for the forward and P_bwd = N·layer + d + d·k·C + V·d (tail layers, final norm,
+char heads and the frozen lm_head that the regulariser backpropagates through) for the backward:
+    (P_bwd counts 0 with `tail_resident`: the backward finds them still gathered.)
+    without hpZ: over all W ranks (crossing nodes)  2·A·(P + P_bwd)·(W−1)/W
+    with hpZ:    over all W ranks                   2·T·(W−1)/W  (trainable params after each step)
+                 inside the node, H ranks           2·(A·(P + P_bwd) − T)·(H−1)/H
+                 plus once, at the first step       2·(P − T)·(W−1)/W (frozen params)
+    gradient reduce-scatter (both)                  2·A·T·(W−1)/W
+Times divide these by an assumed per-GPU bus bandwidth (inter-node for groups that span nodes,
+NVLink-class intra-node otherwise); they are rough floors, not predictions.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from spellm_ds.errors import SpellmError
+
+GIB = 1024**3
+SUPPORTED_ARCHS = ("llama", "mistral", "qwen2")
+
+BF16 = 2
+FP32 = 4
+GRAD_BYTES = BF16 + FP32  # bf16 reduce-scatter partition + fp32 copy made at step time
+OPTIM_BYTES = FP32 * 3  # fp32 master + Adam m + Adam v
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelShape:
+    """The shape figures of a decoder-only HF causal LM that decide its parameter count."""
+
+    arch: str
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    tied_embeddings: bool
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict, where: str = "config.json") -> ModelShape:
+        """Read the fields of a Llama, Mistral or Qwen2 config.json dict (missing ones reported at once)."""
+        arch = str(cfg.get("model_type", "")).lower()
+        if arch not in SUPPORTED_ARCHS:
+            raise SpellmError(
+                f"{where}: model_type {cfg.get('model_type')!r} is not supported by plan "
+                f"(supported: {', '.join(SUPPORTED_ARCHS)})"
+            )
+        required = (
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "vocab_size",
+        )
+        problems = [f"missing field {name!r}" for name in required if name not in cfg]
+        for name in (*required, "num_key_value_heads", "head_dim"):
+            value = cfg.get(name)
+            if name in cfg and value is not None and (not isinstance(value, int) or value < 1):
+                problems.append(f"field {name!r} must be a positive integer, got {value!r}")
+        if problems:
+            raise SpellmError(f"{where}: " + "; ".join(problems))
+        d, heads = cfg["hidden_size"], cfg["num_attention_heads"]
+        head_dim = cfg.get("head_dim") or d // heads
+        kv = cfg.get("num_key_value_heads") or heads
+        if heads % kv:
+            raise SpellmError(
+                f"{where}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv}"
+            )
+        attention_bias = bool(cfg.get("attention_bias", False))
+        return cls(
+            arch=arch,
+            hidden_size=d,
+            intermediate_size=cfg["intermediate_size"],
+            num_layers=cfg["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=kv,
+            head_dim=head_dim,
+            vocab_size=cfg["vocab_size"],
+            tied_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            qkv_bias=arch == "qwen2" or (arch == "llama" and attention_bias),
+            o_bias=arch == "llama" and attention_bias,
+            mlp_bias=arch == "llama" and bool(cfg.get("mlp_bias", False)),
+        )
+
+    @property
+    def attention_params(self) -> int:
+        """Parameters of one attention block (q, k, v, o projections and biases)."""
+        d, qdim, kvdim = self.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        n = d * qdim + 2 * d * kvdim + qdim * d
+        if self.qkv_bias:
+            n += qdim + 2 * kvdim
+        if self.o_bias:
+            n += d
+        return n
+
+    @property
+    def mlp_params(self) -> int:
+        """Parameters of one SwiGLU MLP (gate, up, down)."""
+        d, f = self.hidden_size, self.intermediate_size
+        return 3 * d * f + ((2 * f + d) if self.mlp_bias else 0)
+
+    @property
+    def layer_params(self) -> int:
+        """Parameters of one decoder layer (attention, MLP, two RMSNorm weights)."""
+        return self.attention_params + self.mlp_params + 2 * self.hidden_size
+
+    @property
+    def embedding_params(self) -> int:
+        """Input embedding parameters."""
+        return self.vocab_size * self.hidden_size
+
+    @property
+    def lm_head_params(self) -> int:
+        """Separate lm_head parameters (0 when tied to the embedding)."""
+        return 0 if self.tied_embeddings else self.vocab_size * self.hidden_size
+
+    @property
+    def base_params(self) -> int:
+        """All parameters of the HF model (tied weights counted once)."""
+        return (
+            self.embedding_params
+            + self.num_layers * self.layer_params
+            + self.hidden_size
+            + self.lm_head_params
+        )
+
+    @property
+    def largest_module_params(self) -> int:
+        """Direct parameters of the largest single module (what ZeRO-3 must gather whole)."""
+        d, f = self.hidden_size, self.intermediate_size
+        qdim, kvdim = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        linears = [
+            d * f + (f if self.mlp_bias else 0),
+            f * d + (d if self.mlp_bias else 0),
+            d * qdim + (qdim if self.qkv_bias else 0),
+            d * kvdim + (kvdim if self.qkv_bias else 0),
+            qdim * d + (d if self.o_bias else 0),
+        ]
+        return max(self.embedding_params, *linears)
+
+
+@dataclass(kw_only=True)
+class PlanInputs:
+    """Cluster size and run shape the plan is made for."""
+
+    nodes: int
+    gpus_per_node: int
+    gpu_mem_gib: float = 80.0  # memory of one GPU in GiB
+    seq_len: int = 4096  # tokens per sequence
+    micro_batch: int = 1  # sequences per GPU per micro-step
+    grad_accum: int = 1  # micro-steps per optimizer step
+    trainable_layers: int = 5  # N: MLPs of the last N decoder layers train
+    k: int = 10  # char heads
+    num_chars: int = 105  # charset size |C|
+    hpz: int | None = None  # node-local secondary partition size; None: GPUs per node on >1 node, else 1
+    reg_chunk_tokens: int = 1024  # tokens per chunk of the lm_head regulariser
+    tail_resident: bool = False  # the backward's parameters stay gathered from forward to backward
+    reserve_gib: float = 4.0  # CUDA context, NCCL buffers, fragmentation
+    inter_node_gbs: float = 50.0  # per-GPU bus bandwidth across nodes, GB/s (400 Gb/s NIC per GPU)
+    intra_node_gbs: float = 300.0  # per-GPU bus bandwidth inside a node, GB/s (NVLink class)
+
+    def __post_init__(self) -> None:
+        problems = []
+        for name in ("nodes", "gpus_per_node", "seq_len", "micro_batch", "grad_accum", "k", "num_chars"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("gpu_mem_gib", "inter_node_gbs", "intra_node_gbs", "reg_chunk_tokens"):
+            if getattr(self, name) <= 0:
+                problems.append(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.trainable_layers < 0:
+            problems.append(f"trainable_layers must be >= 0, got {self.trainable_layers}")
+        if self.reserve_gib < 0:
+            problems.append(f"reserve_gib must be >= 0, got {self.reserve_gib}")
+        if self.hpz is not None and (
+            self.hpz < 1
+            or self.gpus_per_node < 1
+            or self.hpz > self.gpus_per_node
+            or self.gpus_per_node % self.hpz
+        ):
+            problems.append(
+                f"hpz must divide gpus_per_node ({self.gpus_per_node}) so the secondary partition stays "
+                f"inside a node, got {self.hpz}"
+            )
+        if problems:
+            raise SpellmError("plan: " + "; ".join(problems))
+
+    @property
+    def world_size(self) -> int:
+        """All GPUs: the ZeRO-3 partition group."""
+        return self.nodes * self.gpus_per_node
+
+    @property
+    def hpz_size(self) -> int:
+        """The effective hpZ partition size (1 = off)."""
+        if self.hpz is not None:
+            return self.hpz
+        return self.gpus_per_node if self.nodes > 1 else 1
+
+
+@dataclass(frozen=True, kw_only=True)
+class Gather:
+    """All-gather bytes received per GPU per optimizer step, and the time floor they imply."""
+
+    global_bytes: int  # over all W ranks (crosses nodes when nodes > 1)
+    node_bytes: int  # over the node-local hpZ group
+    seconds: float
+    first_step_extra_bytes: int = 0  # frozen params gathered globally once to build their hpZ copy
+
+
+@dataclass(frozen=True, kw_only=True)
+class Plan:
+    """Every figure of a plan: parameter counts, bytes per GPU, verdict."""
+
+    model: ModelShape
+    inputs: PlanInputs
+    total_params: int
+    base_params: int
+    char_head_params: int
+    trainable_params: int
+    frozen_params: int
+    largest_module_params: int
+    backward_gathered_params: int
+    params_bytes: int
+    hpz_bytes: int
+    grads_bytes: int
+    optimizer_bytes: int
+    gather_working_bytes: int
+    activation_bytes_per_sample: int  # grows with B
+    activation_fixed_bytes: int  # regulariser chunk
+    tail_activation_bytes: int  # at the planned micro-batch
+    head_activation_bytes: int
+    transient_activation_bytes: int  # one frozen no-grad layer / one layer's backward buffers
+    reserve_bytes: int
+    gpu_bytes: int
+    gather_without_hpz: Gather
+    gather_with_hpz: Gather
+    reduce_scatter_bytes: int
+    max_micro_batch: int
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def model_state_bytes(self) -> int:
+        """Params (+ hpZ copy) + gradients + optimizer state per GPU."""
+        return self.params_bytes + self.hpz_bytes + self.grads_bytes + self.optimizer_bytes
+
+    @property
+    def activation_bytes(self) -> int:
+        """Peak activations per GPU at the planned micro-batch."""
+        return self.inputs.micro_batch * self.activation_bytes_per_sample + self.activation_fixed_bytes
+
+    @property
+    def total_bytes(self) -> int:
+        """Everything per GPU at the planned micro-batch."""
+        return self.model_state_bytes + self.gather_working_bytes + self.activation_bytes + self.reserve_bytes
+
+    @property
+    def fits(self) -> bool:
+        """True when the planned micro-batch fits in one GPU's memory."""
+        return self.total_bytes <= self.gpu_bytes
+
+    def to_dict(self) -> dict:
+        """All inputs and figures as a JSON-ready dict."""
+        out = {
+            "model": asdict(self.model),
+            "inputs": asdict(self.inputs)
+            | {"world_size": self.inputs.world_size, "hpz": self.inputs.hpz_size},
+        }
+        for name in self.__dataclass_fields__:
+            if name not in ("model", "inputs", "extra"):
+                value = getattr(self, name)
+                out[name] = asdict(value) if isinstance(value, Gather) else value
+        out.update(
+            model_state_bytes=self.model_state_bytes,
+            activation_bytes=self.activation_bytes,
+            total_bytes=self.total_bytes,
+            fits=self.fits,
+        )
+        return out
+
+
+def load_model_shape(path: str | Path) -> ModelShape:
+    """Read an HF config.json (a file or a model directory holding one)."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "config.json"
+    try:
+        cfg = json.loads(p.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise SpellmError(f"cannot read model config {p}: {exc.strerror}") from None
+    except json.JSONDecodeError as exc:
+        raise SpellmError(f"{p}: not valid JSON ({exc})") from None
+    if not isinstance(cfg, dict):
+        raise SpellmError(f"{p}: expected a JSON object")
+    return ModelShape.from_hf_config(cfg, where=str(p))
+
+
+def make_plan(model: ModelShape, inputs: PlanInputs) -> Plan:
+    """Compute the plan's figures for one model shape and cluster (formulas in the module docstring)."""
+    if inputs.trainable_layers > model.num_layers:
+        raise SpellmError(
+            f"plan: trainable_layers {inputs.trainable_layers} exceeds the model's {model.num_layers} layers"
+        )
+    d, f, n = model.hidden_size, model.intermediate_size, inputs.trainable_layers
+    kvdim = model.num_kv_heads * model.head_dim
+    w, hpz, a = inputs.world_size, inputs.hpz_size, inputs.grad_accum
+    heads = d * inputs.k * inputs.num_chars
+    total = model.base_params + heads
+    trainable = heads + n * model.mlp_params
+    largest = max(model.largest_module_params, heads)
+
+    tail_per_token = BF16 * (6 * d + 2 * kvdim + 4 * f) + 2 * FP32
+    head_per_token = BF16 * 2 * d + 3 * FP32 * inputs.k * inputs.num_chars
+    transient_per_token = BF16 * (3 * d + 2 * kvdim + 3 * f)
+    tokens = inputs.seq_len
+    per_sample = tokens * (n * tail_per_token + head_per_token + transient_per_token)
+    chunk = 2 * FP32 * inputs.reg_chunk_tokens * model.vocab_size
+
+    params_bytes = math.ceil(BF16 * total / w)
+    hpz_bytes = math.ceil(BF16 * total / hpz) if hpz > 1 else 0
+    grads_bytes = math.ceil(GRAD_BYTES * trainable / w)
+    optim_bytes = math.ceil(OPTIM_BYTES * trainable / w)
+    bwd = n * model.layer_params + d + heads + model.vocab_size * d
+    working = BF16 * (largest + model.layer_params + (bwd if inputs.tail_resident else 0))
+    reserve = round(inputs.reserve_gib * GIB)
+    gpu = round(inputs.gpu_mem_gib * GIB)
+
+    per_micro = total + (0 if inputs.tail_resident else bwd)
+    spans_nodes = inputs.nodes > 1
+    global_bw = (inputs.inter_node_gbs if spans_nodes else inputs.intra_node_gbs) * 1e9
+    local_bw = inputs.intra_node_gbs * 1e9
+    g_off = BF16 * a * per_micro * (w - 1) // w
+    without = Gather(global_bytes=g_off, node_bytes=0, seconds=g_off / global_bw)
+    hp = hpz if hpz > 1 else (inputs.gpus_per_node if inputs.gpus_per_node > 1 else 1)
+    if hp > 1:
+        g_glob = BF16 * trainable * (w - 1) // w
+        g_node = BF16 * (a * per_micro - trainable) * (hp - 1) // hp
+        with_hpz = Gather(
+            global_bytes=g_glob,
+            node_bytes=g_node,
+            seconds=g_glob / global_bw + g_node / local_bw,
+            first_step_extra_bytes=BF16 * (total - trainable) * (w - 1) // w,
+        )
+    else:
+        with_hpz = without
+    fixed = params_bytes + hpz_bytes + grads_bytes + optim_bytes + working + reserve + chunk
+    max_mb = max(0, (gpu - fixed) // per_sample)
+    return Plan(
+        model=model,
+        inputs=inputs,
+        total_params=total,
+        base_params=model.base_params,
+        char_head_params=heads,
+        trainable_params=trainable,
+        frozen_params=total - trainable,
+        largest_module_params=largest,
+        backward_gathered_params=bwd,
+        params_bytes=params_bytes,
+        hpz_bytes=hpz_bytes,
+        grads_bytes=grads_bytes,
+        optimizer_bytes=optim_bytes,
+        gather_working_bytes=working,
+        activation_bytes_per_sample=per_sample,
+        activation_fixed_bytes=chunk,
+        tail_activation_bytes=inputs.micro_batch * tokens * n * tail_per_token,
+        head_activation_bytes=inputs.micro_batch * tokens * head_per_token,
+        transient_activation_bytes=inputs.micro_batch * tokens * transient_per_token,
+        reserve_bytes=reserve,
+        gpu_bytes=gpu,
+        gather_without_hpz=without,
+        gather_with_hpz=with_hpz,
+        reduce_scatter_bytes=BF16 * a * trainable * (w - 1) // w,
+        max_micro_batch=int(max_mb),
+        extra={"hpz_for_traffic": hp},
+    )
+
+
+def _gib(n: int | float) -> str:
+    return f"{n / GIB:8.2f} GiB"
+
+
+def _row(label: str, nbytes: int) -> str:
+    return f"  {label:<28}{_gib(nbytes)}"
+
+
+def _count(n: int) -> str:
+    return f"{n:>15,} ({n / 1e9:6.2f} B)"
+
+
+def format_plan(plan: Plan) -> str:
+    """Render a plan as an aligned text report."""
+    m, i = plan.model, plan.inputs
+    hpz = i.hpz_size
+    lines = [
+        f"model      {m.arch}: d={m.hidden_size} ffn={m.intermediate_size} layers={m.num_layers} "
+        f"heads={m.num_heads}/{m.num_kv_heads}kv vocab={m.vocab_size} tied={str(m.tied_embeddings).lower()}",
+        f"cluster    {i.nodes} node(s) x {i.gpus_per_node} GPU(s) = {i.world_size} GPUs, "
+        f"{i.gpu_mem_gib:g} GiB each, hpZ partition {hpz if hpz > 1 else 'off'}",
+        f"run        seq {i.seq_len}, micro-batch {i.micro_batch}, grad-accum {i.grad_accum}, "
+        f"trainable layers {i.trainable_layers}, k={i.k} x |C|={i.num_chars}",
+        "",
+        "parameters",
+        f"  total (base + char heads)   {_count(plan.total_params)}",
+        f"  base model                  {_count(plan.base_params)}",
+        f"  char heads                  {_count(plan.char_head_params)}",
+        f"  trainable                   {_count(plan.trainable_params)}",
+        f"  frozen                      {_count(plan.frozen_params)}",
+        f"  largest module              {_count(plan.largest_module_params)}",
+        "",
+        "memory per GPU",
+        f"  params bf16 /{i.world_size:<4}           {_gib(plan.params_bytes)}",
+        f"  hpZ secondary copy /{hpz:<4}    {_gib(plan.hpz_bytes)}",
+        f"  gradients (trainable)       {_gib(plan.grads_bytes)}",
+        f"  optimizer (trainable)       {_gib(plan.optimizer_bytes)}",
+        f"  gather working set          {_gib(plan.gather_working_bytes)}",
+        f"  activations, tail w/ grad   {_gib(plan.tail_activation_bytes)}",
+        f"  activations, heads          {_gib(plan.head_activation_bytes)}",
+        f"  activations, one layer      {_gib(plan.transient_activation_bytes)}   (no-grad / backward)",
+        f"  regulariser chunk           {_gib(plan.activation_fixed_bytes)}",
+        f"  reserve                     {_gib(plan.reserve_bytes)}",
+        f"  total                       {_gib(plan.total_bytes)} of {_gib(plan.gpu_bytes).strip()}",
+        "",
+        "all-gather per GPU per optimizer step (bytes received)",
+        _row(f"without hpZ: {i.world_size} GPUs", plan.gather_without_hpz.global_bytes)
+        + f"   (>= {plan.gather_without_hpz.seconds:.2f} s)",
+    ]
+    wh = plan.gather_with_hpz
+    if wh is plan.gather_without_hpz:
+        lines.append("  with hpZ: not applicable (1 GPU per node)")
+    else:
+        hp = plan.extra["hpz_for_traffic"]
+        lines += [
+            _row(f"with hpZ {hp}: {i.world_size} GPUs", wh.global_bytes) + "   (trainable, after every step)",
+            _row(f"  + inside the node ({hp} GPUs)", wh.node_bytes) + f"   (>= {wh.seconds:.2f} s in all)",
+            _row("  + first step only", wh.first_step_extra_bytes) + f"   (frozen, {i.world_size} GPUs)",
+        ]
+    lines += [
+        _row("gradient reduce-scatter", plan.reduce_scatter_bytes) + f"   ({i.world_size} GPUs)",
+        "",
+        f"verdict    {'FITS' if plan.fits else 'DOES NOT FIT'} at micro-batch {i.micro_batch}; "
+        f"largest micro-batch that fits: {plan.max_micro_batch}",
+    ]
+    return "\n".join(lines)
