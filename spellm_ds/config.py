@@ -1,0 +1,744 @@
+"""Run configuration: dataclasses, strict YAML loading, `key=value` overrides and up-front checks.
+
+A run config is one YAML file whose sections map to the dataclasses below (see `configs/*.yaml`).
+Loading is strict: an unknown key, a wrong type or an out-of-range value is a problem, and every
+problem found is reported in one `SpellmError`. Overrides use dotted keys (`optim.lr=3e-4`,
+`checkpoint.resume=never`) and are converted to the field's type.
+
+Two stages of checks:
+
+* `load_config()` / the dataclasses' `__post_init__`: the file alone (keys, types, ranges, choices).
+* `preflight(config, world_size)`: everything that needs the file system or the launch, run by the
+  trainer before any process-group work: files exist, N fits the model's layer count, the charset,
+  tokenizer and shards belong together (tokenizer hashes, sequence length, k), the DeepSpeed JSON has
+  concrete values, and `train_batch = micro_batch x grad_accum x world_size` holds.
+
+Relative paths resolve against the current directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from spellm_ds.errors import SpellmError
+
+Selection = Literal["lowest", "teacher_prior"]
+Regularizer = Literal["kl6", "ce_top1", "none"]
+DType = Literal["fp32", "bf16"]
+
+
+class ConfigError(SpellmError):
+    """One or more problems with a run config; `.problems` lists each one."""
+
+    def __init__(self, what: str, problems: list[str]) -> None:
+        self.problems = list(problems)
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"{what}: {len(self.problems)} problem(s):\n{lines}")
+
+
+def _problems_error(what: str, problems: list[str]) -> ConfigError:
+    return ConfigError(what, problems)
+
+
+class _Section:
+    """Mixin: `__post_init__` raises one SpellmError listing every problem `problems()` returns."""
+
+    def problems(self) -> list[str]:
+        """Return human-readable problems with this section's values (empty when valid)."""
+        return []
+
+    def __post_init__(self) -> None:
+        found = self.problems()
+        if found:
+            raise _problems_error(f"invalid {type(self).__name__}", found)
+
+
+def _positive(problems: list[str], name: str, value: float | None, allow_zero: bool = False) -> None:
+    if value is None:
+        return
+    if value < 0 or (value == 0 and not allow_zero):
+        problems.append(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+@dataclass(kw_only=True)
+class ModelConfig(_Section):
+    """The student: a local HF causal LM plus k char heads."""
+
+    path: str
+    """Directory of a local HF causal LM (config, safetensors weights, fast tokenizer)."""
+    trainable_layers: int = 5
+    """N: the MLPs of the last N decoder layers train (with the char heads); 0 trains the heads only."""
+    k: int = 10
+    """Number of char heads (characters predicted per token)."""
+    charset: str | None = None
+    """CharTable file (`CharTable.save`); None builds it from the model's tokenizer at start."""
+    dtype: DType = "fp32"
+    """Training dtype of the weights: fp32 (exact CPU tests) or bf16 (GPU runs)."""
+
+    def problems(self) -> list[str]:
+        p: list[str] = []
+        _positive(p, "model.trainable_layers", self.trainable_layers, allow_zero=True)
+        _positive(p, "model.k", self.k)
+        return p
+
+
+@dataclass(kw_only=True)
+class DataConfig(_Section):
+    """Teacher shards (see `spellm_ds.shards`) streamed by `spellm_ds.data`."""
+
+    train: str
+    """Training shard location: a directory or URL prefix holding `index.json`."""
+    eval: str | None = None
+    """Held-out shard location for periodic eval; None disables eval."""
+    seq_len: int
+    """Tokens per sample; must equal the shards' `seq_len`."""
+    num_workers: int = 0
+    """DataLoader worker processes per rank (0 reads in the training process)."""
+    skip_corrupt: bool = False
+    """Skip and count corrupt samples instead of stopping with an error naming shard and key."""
+
+    def problems(self) -> list[str]:
+        p: list[str] = []
+        _positive(p, "data.seq_len", self.seq_len)
+        _positive(p, "data.num_workers", self.num_workers, allow_zero=True)
+        return p
+
+
+@dataclass(kw_only=True)
+class BatchConfig(_Section):
+    """Batch sizes; the identity `train = micro x grad_accum x world_size` is checked at start."""
+
+    micro: int = 1
+    """Sequences per rank per forward/backward (DeepSpeed `train_micro_batch_size_per_gpu`)."""
+    grad_accum: int | None = None
+    """Micro-batches per optimizer step; None derives it from `train` and the world size."""
+    train: int | None = None
+    """Global sequences per optimizer step; None derives it as micro x grad_accum x world size."""
+
+    def problems(self) -> list[str]:
+        p: list[str] = []
+        _positive(p, "batch.micro", self.micro)
+        _positive(p, "batch.grad_accum", self.grad_accum)
+        _positive(p, "batch.train", self.train)
+        if (
+            self.train is not None
+            and self.grad_accum is not None
+            and self.train % (self.micro * self.grad_accum)
+        ):
+            p.append(
+                f"batch.train={self.train} is not a multiple of batch.micro x batch.grad_accum "
+                f"= {self.micro * self.grad_accum}"
+            )
+        if self.train is not None and self.grad_accum is None and self.train % self.micro:
+            p.append(f"batch.train={self.train} is not a multiple of batch.micro={self.micro}")
+        return p
+
+    def resolve(self, world_size: int) -> tuple[int, int, int]:
+        """Return (micro, grad_accum, train) for `world_size` ranks, or raise naming the broken identity."""
+        micro = self.micro
+        if self.grad_accum is None and self.train is None:
+            accum = 1
+            train = micro * world_size
+        elif self.grad_accum is None:
+            assert self.train is not None
+            accum, rest = divmod(self.train, micro * world_size)
+            if rest or accum < 1:
+                raise SpellmError(
+                    f"batch.train={self.train} is not a positive multiple of batch.micro x world size "
+                    f"= {micro} x {world_size} = {micro * world_size}; change batch.train or batch.micro"
+                )
+            train = self.train
+        else:
+            accum = self.grad_accum
+            train = micro * accum * world_size
+            if self.train is not None and self.train != train:
+                raise SpellmError(
+                    f"batch identity train = micro x grad_accum x world size does not hold: "
+                    f"{self.train} != {micro} x {accum} x {world_size} = {train}; set batch.train={train}, "
+                    f"or batch.grad_accum=null to derive it"
+                )
+        return micro, accum, train
+
+
+@dataclass(kw_only=True)
+class OptimConfig(_Section):
+    """AdamW over the trainable parameters only."""
+
+    lr: float = 1e-4
+    """Peak learning rate (after warmup)."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    """AdamW (beta1, beta2)."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value; 0 disables clipping."""
+
+    def problems(self) -> list[str]:
+        p: list[str] = []
+        _positive(p, "optim.lr", self.lr)
+        _positive(p, "optim.weight_decay", self.weight_decay, allow_zero=True)
+        _positive(p, "optim.eps", self.eps)
+        _positive(p, "optim.grad_clip", self.grad_clip, allow_zero=True)
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            p.append(f"optim.betas must be two values in [0, 1), got {self.betas}")
+        return p
+
+
+@dataclass(kw_only=True)
+class ScheduleConfig(_Section):
+    """Linear warmup from 0 to `optim.lr`, then cosine decay to `min_lr` at `max_steps`."""
+
+    warmup_steps: int = 0
+    """Optimizer steps of linear warmup."""
+    min_lr: float = 0.0
+    """Learning rate reached at the last step."""
+
+    def problems(self) -> list[str]:
+        p: list[str] = []
+        _positive(p, "schedule.warmup_steps", self.warmup_steps, allow_zero=True)
+        _positive(p, "schedule.min_lr", self.min_lr, allow_zero=True)
+        return p
+
+
+@dataclass(kw_only=True)
+class LossConfig(_Section):
+    """Char loss with top-5 selection plus a token-level regulariser on the frozen lm_head."""
+
+    selection: Selection = "lowest"
+    """lowest: train on the candidate with the lowest char loss (the paper); teacher_prior: char loss
+    minus tau x teacher log-prob, which favours the teacher's own top choice."""
+    tau: float = 1.0
+    """Weight of the teacher log-prob in the teacher_prior rule."""
+    regularizer: Regularizer = "kl6"
+    """kl6: KL over the 5 candidates + an 'everything else' bucket (full-vocab softmax); ce_top1: CE to
+    teacher top-1; none."""
+    reg_weight: float = 0.1
+    """Weight of the regulariser in the total loss."""
+    reg_chunk: int = 1024
+    """Tokens per chunk of the regulariser (bounds the [chunk, V] logits held at once)."""
+
+    def problems(self) -> list[str]:
+        p: list[str] = []
+        _positive(p, "loss.tau", self.tau, allow_zero=True)
+        _positive(p, "loss.reg_weight", self.reg_weight, allow_zero=True)
+        _positive(p, "loss.reg_chunk", self.reg_chunk)
+        return p
+
+
+@dataclass(kw_only=True)
+class EvalConfig(_Section):
+    """Periodic evaluation on `data.eval`."""
+
+    interval: int = 0
+    """Evaluate every this many optimizer steps (and at the end); 0 disables eval."""
+    batches: int = 4
+    """Micro-batches per rank per evaluation."""
+    text_samples: int = 2
+    """Decoded student-vs-teacher text samples written to TensorBoard per evaluation."""
+
+    def problems(self) -> list[str]:
+        p: list[str] = []
+        _positive(p, "eval.interval", self.interval, allow_zero=True)
+        _positive(p, "eval.batches", self.batches)
+        _positive(p, "eval.text_samples", self.text_samples, allow_zero=True)
+        return p
+
+
+@dataclass(kw_only=True)
+class CheckpointConfig(_Section):
+    """Resumable training state (DeepSpeed engine state + client state)."""
+
+    dir: str | None = None
+    """Checkpoint directory; None means `<run_dir>/checkpoints`."""
+    interval: int = 100
+    """Save every this many optimizer steps (and at the end, and on a preemption signal)."""
+    keep_latest_k: int = 3
+    """Keep this many newest complete checkpoints; older ones are deleted. 0 keeps all."""
+    resume: str = "auto"
+    """auto: continue from the newest complete checkpoint in `dir`, else start fresh; never: start fresh;
+    any other value: the path of one checkpoint tag directory to resume from."""
+
+    def problems(self) -> list[str]:
+        p: list[str] = []
+        _positive(p, "checkpoint.interval", self.interval)
+        _positive(p, "checkpoint.keep_latest_k", self.keep_latest_k, allow_zero=True)
+        if not self.resume:
+            p.append("checkpoint.resume must be auto, never or a checkpoint path")
+        return p
+
+
+@dataclass(kw_only=True)
+class TrainConfig(_Section):
+    """One distillation run."""
+
+    run_dir: str
+    """Output root: checkpoints and TensorBoard logs default to folders inside it."""
+    deepspeed: str
+    """DeepSpeed JSON (see ds_configs/README.md); the trainer fills the batch, optimizer and dtype keys."""
+    tensorboard: str | None = None
+    """TensorBoard log directory; None means `<run_dir>/tensorboard`."""
+    max_steps: int
+    """Optimizer steps to train (the cosine schedule ends here)."""
+    seed: int = 0
+    """Seed for torch RNGs and the data order."""
+    max_consecutive_nonfinite: int = 5
+    """Stop (exit code 3) after this many micro-batches in a row with a non-finite loss."""
+    log_interval: int = 1
+    """Write training scalars every this many optimizer steps."""
+    model: ModelConfig
+    data: DataConfig
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def problems(self) -> list[str]:
+        p: list[str] = []
+        _positive(p, "max_steps", self.max_steps)
+        _positive(p, "max_consecutive_nonfinite", self.max_consecutive_nonfinite)
+        _positive(p, "log_interval", self.log_interval)
+        if self.schedule.warmup_steps > self.max_steps:
+            p.append(f"schedule.warmup_steps={self.schedule.warmup_steps} exceeds max_steps={self.max_steps}")
+        if self.schedule.min_lr > self.optim.lr:
+            p.append(f"schedule.min_lr={self.schedule.min_lr} exceeds optim.lr={self.optim.lr}")
+        if self.eval.interval and not self.data.eval:
+            p.append("eval.interval > 0 needs data.eval (held-out shards); set eval.interval=0 to disable")
+        return p
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        """The checkpoint directory (explicit or under run_dir)."""
+        return Path(self.checkpoint.dir or Path(self.run_dir) / "checkpoints")
+
+    @property
+    def tensorboard_dir(self) -> Path:
+        """The TensorBoard log directory (explicit or under run_dir)."""
+        return Path(self.tensorboard or Path(self.run_dir) / "tensorboard")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the config as plain nested dicts (what `config_from_dict` reads back)."""
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        """Return the config as YAML text."""
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Strict loading and typed conversion
+# ---------------------------------------------------------------------------------------------------
+
+_MISSING = object()
+_TRUE = {"true", "yes", "on", "1"}
+_FALSE = {"false", "no", "off", "0"}
+
+
+def _convert(value: Any, tp: Any, name: str) -> Any:
+    """Convert a YAML or override value to type `tp`; raise SpellmError naming the field."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        is_null = value is None or (isinstance(value, str) and value.strip().lower() in {"null", "none", "~"})
+        if is_null and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _convert(value, inner[0], name)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise SpellmError(f"{name}={value!r} is not one of {', '.join(map(str, choices))}")
+        return value
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if isinstance(value, str):
+            text = value.strip()
+            value = yaml.safe_load(text if text.startswith("[") else f"[{text}]")
+        if not isinstance(value, list | tuple):
+            raise SpellmError(f"{name}={value!r} is not a list")
+        return [_convert(v, item, f"{name}[{i}]") for i, v in enumerate(value)]
+    if value is None:
+        raise SpellmError(f"{name} must not be null")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+            return value.strip().lower() in _TRUE
+        raise SpellmError(f"{name}={value!r} is not a boolean (true/false)")
+    if tp is int:
+        if isinstance(value, bool):
+            raise SpellmError(f"{name}={value!r} is not an integer")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value.strip().replace("_", ""))
+            except ValueError:
+                pass
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise SpellmError(f"{name}={value!r} is not an integer")
+    if tp is float:
+        if isinstance(value, bool):
+            raise SpellmError(f"{name}={value!r} is not a number")
+        if isinstance(value, int | float):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value.strip())
+            except ValueError:
+                pass
+        raise SpellmError(f"{name}={value!r} is not a number")
+    if tp is str:
+        if isinstance(value, str | int | float) and not isinstance(value, bool):
+            return str(value)
+        raise SpellmError(f"{name}={value!r} is not a string")
+    raise SpellmError(f"{name}: unsupported field type {tp}")
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _unknown(name: str, known: list[str]) -> str:
+    parent, _, leaf = name.rpartition(".")
+    close = difflib.get_close_matches(leaf, known, n=1)
+    hint = f" (did you mean {(parent + '.' if parent else '') + close[0]!r}?)" if close else ""
+    return f"unknown key {name!r}{hint}"
+
+
+def _default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return _MISSING
+
+
+def _build(cls: type, data: Any, prefix: str, problems: list[str]) -> tuple[Any, bool]:
+    """Build dataclass `cls` from a mapping, appending every problem found; return (object, ok).
+
+    When a value is bad, the object is still assembled (bad values replaced by defaults, without
+    `__init__`) so the remaining range checks run and report too; then ok is False.
+    """
+    where = prefix.rstrip(".") or "the config"
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        problems.append(f"{where} must be a mapping, got {type(data).__name__}")
+        data = {}
+    hints = _hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in fields:
+            problems.append(_unknown(f"{prefix}{key}", list(fields)))
+    values: dict[str, Any] = {}
+    ok, complete = True, True
+    for name, f in fields.items():
+        full = f"{prefix}{name}"
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            values[name], sub_ok = _build(tp, data.get(name), f"{full}.", problems)
+            ok &= sub_ok
+            complete &= values[name] is not None
+            continue
+        if name not in data:
+            values[name] = _default(f)
+            if values[name] is _MISSING:
+                problems.append(f"missing required key {full!r}")
+                ok = complete = False
+            continue
+        try:
+            values[name] = _convert(data[name], tp, full)
+        except SpellmError as exc:
+            problems.append(str(exc))
+            ok = False
+            values[name] = _default(f)
+            complete &= values[name] is not _MISSING
+    if not complete:
+        return None, False
+    if ok:
+        try:
+            return cls(**values), True
+        except ConfigError:
+            pass  # reported just below, from the partial object
+    partial = object.__new__(cls)
+    for name, value in values.items():
+        object.__setattr__(partial, name, value)
+    problems.extend(partial.problems())
+    return partial, False
+
+
+def _set_dotted(data: dict[str, Any], key: str, raw: str, problems: list[str]) -> None:
+    """Apply one `a.b.c=value` override to nested dicts, checking the path against the schema."""
+    parts = key.split(".")
+    cls: Any = TrainConfig
+    node = data
+    for i, part in enumerate(parts):
+        names = [f.name for f in dataclasses.fields(cls)]
+        if part not in names:
+            problems.append(f"override {key}={raw}: " + _unknown(".".join(parts[: i + 1]), names))
+            return
+        tp = _hints(cls)[part]
+        last = i == len(parts) - 1
+        if dataclasses.is_dataclass(tp):
+            if last:
+                problems.append(f"override {key}={raw}: {key!r} is a section, set one of its keys")
+                return
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = {}
+                node[part] = child
+            node, cls = child, tp
+            continue
+        if not last:
+            problems.append(f"override {key}={raw}: {'.'.join(parts[: i + 1])!r} is not a section")
+            return
+        try:
+            node[part] = _convert(raw, tp, key)
+        except SpellmError as exc:
+            problems.append(f"override: {exc}")
+
+
+def config_from_dict(
+    data: dict[str, Any], overrides: list[str] | None = None, source: str = "<dict>"
+) -> TrainConfig:
+    """Build a TrainConfig from nested dicts plus `key=value` overrides; raise once with every problem."""
+    problems: list[str] = []
+    data = json.loads(json.dumps(data)) if data else {}
+    for item in overrides or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            problems.append(f"override {item!r} is not key=value")
+            continue
+        _set_dotted(data, key.strip(), raw, problems)
+    cfg, ok = _build(TrainConfig, data, "", problems)
+    if problems or not ok:
+        raise _problems_error(f"config {source}", problems or ["could not build the config"])
+    return cfg
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> TrainConfig:
+    """Load a run config strictly from YAML, apply `key=value` overrides, and validate it."""
+    p = Path(path)
+    if not p.is_file():
+        raise SpellmError(f"config file {p} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise SpellmError(f"config {p}: not valid YAML ({exc})") from None
+    if data is not None and not isinstance(data, dict):
+        raise SpellmError(f"config {p}: the top level must be a mapping of sections")
+    return config_from_dict(data or {}, overrides, source=str(p))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Pre-flight: file system, model, tokenizer, charset, shards, DeepSpeed JSON, batch identity
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(kw_only=True)
+class Preflight:
+    """What the checks learned, so the trainer does not read it twice."""
+
+    micro: int
+    grad_accum: int
+    train_batch: int
+    num_layers: int
+    tokenizer_hash: str
+    train_index: dict[str, Any]
+    eval_index: dict[str, Any] | None
+    ds_config: dict[str, Any]
+
+
+def _find_auto(obj: Any, path: str = "") -> list[str]:
+    found: list[str] = []
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            found += _find_auto(v, f"{path}.{k}" if path else str(k))
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            found += _find_auto(v, f"{path}[{i}]")
+    elif obj == "auto":
+        found.append(path)
+    return found
+
+
+def _is_remote(location: str) -> bool:
+    return "://" in location or location.startswith("pipe:")
+
+
+def _check_shards(
+    kind: str, location: str, cfg: TrainConfig, tok_hash: str | None, vocab: int | None, problems: list[str]
+) -> dict[str, Any] | None:
+    from spellm_ds.shards import read_index
+
+    if not _is_remote(location) and not Path(location).is_dir():
+        problems.append(f"data.{kind}: shard directory {location} does not exist")
+        return None
+    try:
+        index = read_index(location)
+    except SpellmError as exc:
+        problems.append(f"data.{kind}: {exc}")
+        return None
+    if index["seq_len"] != cfg.data.seq_len:
+        problems.append(
+            f"data.{kind}: shards in {location} have seq_len {index['seq_len']}, config data.seq_len is "
+            f"{cfg.data.seq_len}"
+        )
+    if tok_hash is not None and index["tokenizer_hash"] != tok_hash:
+        problems.append(
+            f"data.{kind}: shards in {location} were built with another tokenizer (index.json tokenizer_hash "
+            f"{index['tokenizer_hash'][:12]}..., model {cfg.model.path} has {tok_hash[:12]}...)"
+        )
+    if vocab is not None and index["vocab_size"] > vocab:
+        problems.append(
+            f"data.{kind}: shards in {location} have vocab_size {index['vocab_size']} > the model's {vocab}"
+        )
+    if index["totals"]["samples"] < 1:
+        problems.append(f"data.{kind}: shards in {location} hold no samples")
+    return index
+
+
+def preflight(cfg: TrainConfig, world_size: int) -> Preflight:
+    """Check everything outside the YAML before any process-group work; raise once with every problem."""
+    problems: list[str] = []
+    model_dir = Path(cfg.model.path)
+    num_layers, vocab, tok_hash = 0, None, None
+    if not (model_dir / "config.json").is_file():
+        problems.append(f"model.path: {model_dir} is not a HF model directory (no config.json)")
+    else:
+        from transformers import AutoConfig, AutoTokenizer
+
+        from spellm_ds.fingerprint import tokenizer_hash
+
+        try:
+            hf_cfg = AutoConfig.from_pretrained(str(model_dir))
+            num_layers = int(getattr(hf_cfg, "num_hidden_layers", 0))
+            vocab = int(getattr(hf_cfg, "vocab_size", 0)) or None
+        except (OSError, ValueError) as exc:
+            problems.append(f"model.path: cannot read {model_dir}/config.json ({exc})")
+        if num_layers and cfg.model.trainable_layers > num_layers:
+            problems.append(
+                f"model.trainable_layers={cfg.model.trainable_layers} is larger than the model's "
+                f"{num_layers} decoder layers ({model_dir})"
+            )
+        try:
+            tok = AutoTokenizer.from_pretrained(str(model_dir))
+            tok_hash = tokenizer_hash(tok)
+        except (OSError, ValueError) as exc:
+            problems.append(f"model.path: cannot load the tokenizer of {model_dir} ({exc})")
+    if cfg.model.charset is not None:
+        cs = Path(cfg.model.charset)
+        if not cs.is_file():
+            problems.append(f"model.charset: {cs} does not exist")
+        else:
+            from spellm_ds.charset import CharTable
+
+            try:
+                table = CharTable.load(cs)
+            except (SpellmError, OSError) as exc:
+                problems.append(f"model.charset: {exc}")
+            else:
+                if tok_hash is not None and table.tokenizer_hash != tok_hash:
+                    problems.append(
+                        f"model.charset: {cs} was built for another tokenizer than {model_dir}'s "
+                        f"({table.tokenizer_hash[:12]}... != {tok_hash[:12]}...)"
+                    )
+                if table.k != cfg.model.k:
+                    problems.append(f"model.charset: {cs} has k={table.k}, config model.k={cfg.model.k}")
+    train_index = _check_shards("train", cfg.data.train, cfg, tok_hash, vocab, problems)
+    eval_index = None
+    if cfg.data.eval:
+        eval_index = _check_shards("eval", cfg.data.eval, cfg, tok_hash, vocab, problems)
+    ds_config: dict[str, Any] = {}
+    ds_path = Path(cfg.deepspeed)
+    if not ds_path.is_file():
+        problems.append(f"deepspeed: {ds_path} does not exist")
+    else:
+        try:
+            ds_config = json.loads(ds_path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            problems.append(f"deepspeed: {ds_path} is not valid JSON ({exc})")
+        else:
+            autos = _find_auto(ds_config)
+            if autos:
+                problems.append(
+                    f'deepspeed: {ds_path} uses "auto" at {", ".join(autos)}; give concrete values'
+                )
+            if "scheduler" in ds_config:
+                problems.append(
+                    f"deepspeed: {ds_path} has a 'scheduler' section; the schedule comes from the run "
+                    "config (schedule.warmup_steps, schedule.min_lr)"
+                )
+            stage = ds_config.get("zero_optimization", {}).get("stage")
+            if stage != 3:
+                problems.append(f"deepspeed: {ds_path} must use zero_optimization.stage 3, got {stage}")
+    micro = accum = train_batch = 0
+    try:
+        micro, accum, train_batch = cfg.batch.resolve(world_size)
+    except SpellmError as exc:
+        problems.append(str(exc))
+    resume = cfg.checkpoint.resume
+    if resume not in ("auto", "never") and not Path(resume).is_dir():
+        problems.append(f"checkpoint.resume: {resume} is not auto, never or an existing checkpoint directory")
+    if problems:
+        raise _problems_error("cannot start training", problems)
+    assert train_index is not None and tok_hash is not None
+    return Preflight(
+        micro=micro,
+        grad_accum=accum,
+        train_batch=train_batch,
+        num_layers=num_layers,
+        tokenizer_hash=tok_hash,
+        train_index=train_index,
+        eval_index=eval_index,
+        ds_config=ds_config,
+    )
+
+
+# Keys of the DeepSpeed JSON that the trainer sets from the run config (values in the JSON are replaced).
+DS_OWNED_KEYS = (
+    "train_batch_size",
+    "train_micro_batch_size_per_gpu",
+    "gradient_accumulation_steps",
+    "gradient_clipping",
+    "optimizer.params.lr",
+    "optimizer.params.betas",
+    "optimizer.params.eps",
+    "optimizer.params.weight_decay",
+    "bf16.enabled",
+    "fp16.enabled",
+    "seed",
+)
+
+
+def fill_ds_config(ds: dict[str, Any], cfg: TrainConfig, pre: Preflight) -> dict[str, Any]:
+    """Return a copy of the DeepSpeed config with the run-owned keys (`DS_OWNED_KEYS`) set from `cfg`."""
+    out = json.loads(json.dumps(ds))
+    out["train_batch_size"] = pre.train_batch
+    out["train_micro_batch_size_per_gpu"] = pre.micro
+    out["gradient_accumulation_steps"] = pre.grad_accum
+    out["gradient_clipping"] = cfg.optim.grad_clip
+    opt = out.setdefault("optimizer", {"type": "AdamW", "params": {"torch_adam": True}})
+    params = opt.setdefault("params", {})
+    params.update(
+        lr=cfg.optim.lr, betas=list(cfg.optim.betas), eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay
+    )
+    out["bf16"] = {**out.get("bf16", {}), "enabled": cfg.model.dtype == "bf16"}
+    out["fp16"] = {**out.get("fp16", {}), "enabled": False}
+    out["seed"] = cfg.seed
+    return out

@@ -1,0 +1,871 @@
+"""The distillation trainer: DeepSpeed ZeRO-3, periodic eval, exact resume, preemption, TensorBoard.
+
+`train(config) -> exit code`. One code path for CPU ranks (gloo) and GPUs (NCCL); rank and world size
+come from whatever launched the process (`spellm_ds.dist.detect`: torchrun, the deepspeed launcher,
+mpirun, srun, or a plain single process).
+
+Exit codes (`spellm-ds train` returns them as its process exit status):
+
+    0   EXIT_OK           max_steps reached; a final checkpoint is written
+    2   (CLI)             bad input: config, files, charset/tokenizer/shard mismatch, batch identity;
+                          reported before any process group is created
+    3   EXIT_NONFINITE    `max_consecutive_nonfinite` micro-batches in a row had a non-finite loss
+    75  EXIT_INTERRUPTED  SIGUSR1 or SIGTERM: every rank saved a complete checkpoint at the next step
+                          boundary; run the same command again (resume: auto) to continue. 75 is
+                          EX_TEMPFAIL from sysexits.h, "try again later": the code a requeue script keys on.
+
+Signals reach the ranks from srun (every task) and Open MPI's mpirun (forwards SIGUSR1), so their
+exit status is 75. torchrun forwards SIGTERM (SIGUSR1 would end torchrun itself): the ranks still save
+and exit 75, but torchrun's own status is 1, so a requeue script launches ranks with srun (as
+slurm/distill_70b.sh does) or reads `latest`. Handlers are installed before the model loads.
+
+Checkpoints (`<checkpoint dir>/step_NNNNNNNN/`): the DeepSpeed engine state of every rank, and in
+`client_state` the step, the merged data-loader state (consumed-sample bitmap ORed over ranks), every
+rank's RNG states, the resolved config, the charset hash and the token/sample counters;
+`spellm_meta.json` beside them says the same for readers without torch, and `charset.json` is the char
+table trained against. A checkpoint is complete or invisible: DeepSpeed's own `latest` file is written by
+rank 0 as soon as rank 0's files are written, before the other ranks are known to be done
+(deepspeed/runtime/engine.py, `save_checkpoint`), so the trainer saves with `save_latest=False`, waits
+for the barrier that ends `save_checkpoint` on every rank, and only then writes `spellm_meta.json` and
+`latest` atomically (temporary file, fsync, rename). `resume: auto` reads `latest`, so a crash at any
+point leaves the previous checkpoint as the one resumed. After `latest` is updated, rank 0 deletes all
+but the newest `keep_latest_k` checkpoints (and leftovers of crashed saves).
+
+Resume at another world size: the checkpoint is converted once to DeepSpeed's universal format
+(`python -m deepspeed.checkpoint.ds_to_universal`, into `<checkpoint dir>/universal/<tag>`) and loaded
+with `checkpoint.load_universal`; parameters and optimizer state carry over, the data loader re-plans the
+rest of the epoch for the new world size, and RNG states restart from the seed.
+
+Non-finite loss: the loss of every micro-batch is checked on all ranks (one all-reduce) before
+`engine.backward`; a non-finite micro-batch is dropped (no backward, no optimizer step; its samples count
+as consumed), counted in `train/skipped_nonfinite`, and the optimizer step waits for `grad_accum` finite
+micro-batches. After `max_consecutive_nonfinite` in a row the run stops with exit code 3.
+
+TensorBoard (rank 0, `<run_dir>/tensorboard` unless set): `train/*` (loss, char_loss, reg_loss, every
+metric of `losses.char_metrics`, fallback_top1, lr, grad_norm, skipped_nonfinite; losses and metrics are
+means over the step's micro-batches and the ranks), `eval/*` (the same, weighted by loss positions) and
+`eval/samples` (decoded student vs teacher tokens), `throughput/tokens_per_s`,
+`progress/{samples_seen,tokens_seen,epoch}`, `time/{data_wait_s,compute_s,step_s}`,
+`memory/{rss_mb,max_rss_mb}` on CPU or `memory/{cuda_max_allocated_mb,cuda_allocated_mb}` on GPU,
+`data/corrupt_samples`, and the resolved config as text and hparams. A resumed run purges the events a
+crashed run logged after its checkpoint.
+
+Fault-injection hooks for tests (environment variables, read at start; unset in normal runs):
+
+    SPELLM_TEST_NAN_BATCHES=3,4     micro-batches (1-based count of batches drawn) whose loss is NaN
+    SPELLM_TEST_KILL_AT_STEP=5      every rank SIGKILLs itself right after optimizer step 5
+    SPELLM_TEST_STEP_SLEEP=0.2      sleep this many seconds after every optimizer step
+    SPELLM_TRACE_SAMPLES=DIR        each rank appends "step<TAB>sample indices" per micro-batch to
+                                    DIR/rank<R>.tsv (the exactly-once accounting the tests check)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import re
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from spellm_ds.config import Preflight, TrainConfig, fill_ds_config, preflight
+from spellm_ds.errors import SpellmError
+
+EXIT_OK = 0
+EXIT_NONFINITE = 3
+EXIT_INTERRUPTED = 75
+
+LATEST = "latest"
+META_NAME = "spellm_meta.json"
+CHARSET_NAME = "charset.json"
+UNIVERSAL_DIR = "universal"
+_TAG_RE = re.compile(r"^step_(\d{8})$")
+
+
+def tag_for(step: int) -> str:
+    """Return the checkpoint tag (directory name) of optimizer step `step`."""
+    return f"step_{step:08d}"
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Return the learning rate of optimizer step `step` (0-based): linear warmup, then cosine to min_lr."""
+    peak, low = cfg.optim.lr, cfg.schedule.min_lr
+    warm = cfg.schedule.warmup_steps
+    if step < warm:
+        return peak * (step + 1) / warm
+    span = max(1, cfg.max_steps - warm)
+    progress = min(1.0, (step - warm) / span)
+    return low + 0.5 * (peak - low) * (1.0 + math.cos(math.pi * progress))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Checkpoint discovery (no process group needed)
+
+
+def latest_checkpoint(checkpoint_dir: str | os.PathLike) -> Path | None:
+    """Return the newest complete checkpoint directory (the one `latest` names), or None."""
+    root = Path(checkpoint_dir)
+    marker = root / LATEST
+    if not marker.is_file():
+        return None
+    tag = marker.read_text(encoding="utf-8").strip()
+    path = root / tag
+    if not _TAG_RE.match(tag) or not (path / META_NAME).is_file():
+        raise SpellmError(f"{marker} names {tag!r}, which is not a complete checkpoint in {root}")
+    return path
+
+
+def read_meta(checkpoint: str | os.PathLike) -> dict[str, Any]:
+    """Read `spellm_meta.json` of one checkpoint directory."""
+    path = Path(checkpoint) / META_NAME
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SpellmError(f"{checkpoint} is not a complete spellm-ds checkpoint (no {META_NAME})") from None
+    except json.JSONDecodeError as exc:
+        raise SpellmError(f"{path}: not valid JSON ({exc})") from None
+
+
+def _resume_target(cfg: TrainConfig) -> Path | None:
+    """The checkpoint to resume from; refuses to start where saves would overwrite newer checkpoints."""
+    newest = latest_checkpoint(cfg.checkpoint_dir)
+    if cfg.checkpoint.resume == "auto":
+        return newest
+    path = None if cfg.checkpoint.resume == "never" else Path(cfg.checkpoint.resume)
+    start = 0 if path is None else int(read_meta(path)["step"])
+    if newest is not None and int(read_meta(newest)["step"]) > start:
+        raise SpellmError(
+            f"checkpoint.resume={cfg.checkpoint.resume} starts at step {start}, but {cfg.checkpoint_dir} "
+            f"already holds {newest.name}, which this run would overwrite: use another checkpoint.dir "
+            "(or run_dir), resume: auto, or delete those checkpoints"
+        )
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------
+# Run state
+
+
+@dataclass
+class TrainState:
+    """Counters that a checkpoint restores."""
+
+    step: int = 0  # optimizer steps done
+    batches: int = 0  # micro-batches drawn (skipped ones included)
+    samples_seen: int = 0  # sequences drawn, all ranks
+    tokens_seen: int = 0  # tokens drawn, all ranks
+    skipped_nonfinite: int = 0  # micro-batches dropped for a non-finite loss
+    consecutive_nonfinite: int = 0
+
+
+@dataclass
+class Run:
+    """Everything the loop needs, built once by `_setup`."""
+
+    cfg: TrainConfig
+    pre: Preflight
+    rank: int
+    world_size: int
+    device: torch.device
+    engine: Any
+    table: Any
+    lookup: Any
+    tokenizer: Any
+    loader: Any
+    batches: Any = None  # the training batch iterator
+    eval_loader: Any = None
+    writer: Any = None
+    universal: bool = False
+    saved_step: int = -1  # step of the newest checkpoint this process wrote or resumed from
+    corrupt_at_start: int = 0  # corrupt samples counted before this process started (all ranks)
+    trace: Any = None
+    hooks: dict[str, Any] = field(default_factory=dict)
+
+
+class NonFiniteError(Exception):
+    """Too many consecutive micro-batches with a non-finite loss."""
+
+
+class _StopFlag:
+    """SIGUSR1/SIGTERM only set a flag; ranks agree on it at the next step boundary."""
+
+    def __init__(self) -> None:
+        self.signum = 0
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> _StopFlag:
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handler)
+        return self
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        self.signum = signum
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _read_hooks() -> dict[str, Any]:
+    env = os.environ
+    nan = {int(x) for x in env.get("SPELLM_TEST_NAN_BATCHES", "").split(",") if x.strip()}
+    return {
+        "nan_batches": nan,
+        "kill_at_step": int(env.get("SPELLM_TEST_KILL_AT_STEP", "0") or 0),
+        "step_sleep": float(env.get("SPELLM_TEST_STEP_SLEEP", "0") or 0),
+        "trace_dir": env.get("SPELLM_TRACE_SAMPLES") or None,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------
+# The loop
+
+
+def train(cfg: TrainConfig) -> int:
+    """Run (or resume) a distillation run described by `cfg`; return the process exit code."""
+    from spellm_ds.dist import detect
+
+    stop = _StopFlag().install()  # first: a signal during a long model load must not kill the rank
+    try:
+        info = detect()
+        pre = preflight(cfg, info.world_size)  # bad input stops here, before any process group
+        resume = _resume_target(cfg)
+        run = _setup(cfg, pre, info, resume)
+    except BaseException:
+        stop.restore()
+        raise
+    clean = False
+    try:
+        state = _restore(run, resume)
+        _log_start(run, state, resume)
+        while state.step < cfg.max_steps:
+            if _any_rank(run, stop.signum != 0):
+                _save(run, state)
+                _say(run, f"signal received: saved {tag_for(state.step)}; exiting {EXIT_INTERRUPTED}")
+                clean = True
+                return EXIT_INTERRUPTED
+            stats = _train_step(run, state)
+            if state.step % cfg.log_interval == 0 or state.step == cfg.max_steps:
+                _log_train(run, state, stats)
+            if cfg.eval.interval and (state.step % cfg.eval.interval == 0 or state.step == cfg.max_steps):
+                _evaluate(run, state)
+            if state.step % cfg.checkpoint.interval == 0 or state.step == cfg.max_steps:
+                _save(run, state)
+            _fault_hooks(run, state)
+        _say(run, f"done: {state.step} steps, {state.tokens_seen} tokens, {state.skipped_nonfinite} skipped")
+        clean = True
+        return EXIT_OK
+    except NonFiniteError as exc:  # raised on every rank at once (the loss check is all-reduced)
+        _say(run, f"error: {exc}")
+        clean = True
+        return EXIT_NONFINITE
+    finally:
+        stop.restore()
+        _teardown(run, clean)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Setup
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (1 << 32))
+    torch.manual_seed(seed)
+
+
+def _setup(cfg: TrainConfig, pre: Preflight, info: Any, resume: Path | None) -> Run:
+    import deepspeed
+    from transformers import AutoTokenizer
+
+    from spellm_ds.charset import CharTable, TokenLookup
+    from spellm_ds.dist import device_and_backend, export_torch_env
+
+    device_name, backend = device_and_backend(info)
+    device = torch.device(device_name)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    export_torch_env(info)
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+    _seed_all(cfg.seed)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
+    if cfg.model.charset:
+        table = CharTable.load(cfg.model.charset)
+    else:
+        table = CharTable.build(tokenizer, k=cfg.model.k, vocab_size=_model_vocab(cfg))
+    universal = resume is not None and int(read_meta(resume)["world_size"]) != info.world_size
+    ds_config = fill_ds_config(pre.ds_config, cfg, pre)
+    if universal:
+        ds_config.setdefault("checkpoint", {})["load_universal"] = True
+    model = _build_model(cfg, table, ds_config)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable, config=ds_config)
+    run = Run(
+        cfg=cfg,
+        pre=pre,
+        rank=info.rank,
+        world_size=info.world_size,
+        device=device,
+        engine=engine,
+        table=table,
+        lookup=TokenLookup(table, device),
+        tokenizer=tokenizer,
+        loader=_make_loader(cfg, pre, info, cfg.data.train, train=True),
+        eval_loader=_make_loader(cfg, pre, info, cfg.data.eval, train=False) if cfg.data.eval else None,
+        universal=universal,
+        hooks=_read_hooks(),
+    )
+    if run.hooks["trace_dir"]:
+        trace = Path(run.hooks["trace_dir"])
+        trace.mkdir(parents=True, exist_ok=True)
+        run.trace = (trace / f"rank{run.rank}.tsv").open("a", encoding="utf-8")
+    return run
+
+
+def _model_vocab(cfg: TrainConfig) -> int:
+    from transformers import AutoConfig
+
+    return int(AutoConfig.from_pretrained(cfg.model.path).vocab_size)
+
+
+def _build_model(cfg: TrainConfig, table: Any, ds_config: dict[str, Any]) -> torch.nn.Module:
+    from spellm_ds.model import build_spellm_model
+
+    model = build_spellm_model(
+        cfg.model.path,
+        k=cfg.model.k,
+        num_chars=table.charset.size,
+        trainable_layers=cfg.model.trainable_layers,
+        dtype=cfg.model.dtype,
+        ds_config=ds_config,
+    )
+    model.set_loss(cfg.loss, table.token_chars, table.decodable)
+    return model
+
+
+def _make_loader(cfg: TrainConfig, pre: Preflight, info: Any, location: str, train: bool) -> Any:
+    from spellm_ds.data import LoaderConfig, ShardLoader
+
+    lc = LoaderConfig(
+        location=location,
+        batch_size=pre.micro,
+        seed=cfg.seed,
+        num_workers=cfg.data.num_workers,
+        shuffle=train,
+        partial=not train,
+        equal_steps=True,
+        skip_corrupt=cfg.data.skip_corrupt,
+        tokenizer_hash=pre.tokenizer_hash,
+        seq_len=cfg.data.seq_len,
+    )
+    return ShardLoader(lc, rank=info.rank, world_size=info.world_size)
+
+
+def _teardown(run: Run, clean: bool) -> None:
+    """Close files; after a clean end wait for every rank, then leave the process group."""
+    import torch.distributed as dist
+
+    if run.trace is not None:
+        run.trace.close()
+    if run.writer is not None:
+        run.writer.close()
+    if dist.is_initialized():
+        if clean:  # after an error on one rank the others may sit in a collective: do not wait for them
+            dist.barrier()
+        dist.destroy_process_group()
+
+
+def _say(run: Run, text: str, always: bool = False) -> None:
+    if run.rank == 0 or always:
+        print(f"[spellm-ds train rank {run.rank}] {text}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------
+# One optimizer step
+
+
+@dataclass
+class StepStats:
+    """Sums over the accepted micro-batches of one optimizer step."""
+
+    terms: dict[str, float]
+    count: int
+    data_wait: float
+    wall: float
+    tokens: int
+    grad_norm: float
+    lr: float
+
+
+def _any_rank(run: Run, flag: bool) -> bool:
+    import torch.distributed as dist
+
+    t = torch.tensor([1.0 if flag else 0.0], device=run.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def _trace(run: Run, step: int, batch: dict[str, torch.Tensor]) -> None:
+    if run.trace is not None:
+        idx = ",".join(str(int(i)) for i in batch["sample_index"].tolist())
+        run.trace.write(f"{step}\t{idx}\n")
+        run.trace.flush()
+
+
+def _forward(run: Run, batch: dict[str, torch.Tensor], with_metrics: bool) -> Any:
+    """Engine forward with the teacher tensors: the model computes loss and metrics inside (ZeRO-3 safe)."""
+    return run.engine(
+        input_ids=batch["input_ids"],
+        topk_ids=batch["topk_ids"],
+        topk_logprobs=batch["topk_logprobs"],
+        loss_mask=batch["loss_mask"],
+        with_metrics=with_metrics,
+    )
+
+
+def _terms(out: Any) -> dict[str, torch.Tensor]:
+    terms = {"loss": out.loss.detach()}
+    terms.update(out.metrics or {})
+    return terms
+
+
+def _train_step(run: Run, state: TrainState) -> StepStats:
+    """Draw micro-batches until `grad_accum` finite ones went through backward, then step the optimizer."""
+    cfg, engine = run.cfg, run.engine
+    lr = lr_at(state.step, cfg)
+    for group in engine.optimizer.param_groups:
+        group["lr"] = lr
+    log_now = (state.step + 1) % cfg.log_interval == 0 or state.step + 1 == cfg.max_steps
+    t0 = time.perf_counter()
+    wait, accepted, tokens = 0.0, 0, 0
+    names: list[str] = []
+    sums: torch.Tensor | None = None
+    while accepted < run.pre.grad_accum:
+        t = time.perf_counter()
+        batch = _to_device(next(run.batches), run.device)
+        wait += time.perf_counter() - t
+        state.batches += 1
+        state.samples_seen += run.pre.micro * run.world_size
+        state.tokens_seen += run.pre.micro * cfg.data.seq_len * run.world_size
+        tokens += run.pre.micro * cfg.data.seq_len * run.world_size
+        _trace(run, state.step + 1, batch)
+        out = _forward(run, batch, with_metrics=log_now)
+        loss = out.loss
+        if state.batches in run.hooks["nan_batches"]:
+            loss = loss * float("nan")
+        if _any_rank(run, not bool(torch.isfinite(loss.detach()).item())):
+            _skip_nonfinite(run, state)
+            continue
+        state.consecutive_nonfinite = 0
+        engine.backward(loss)
+        engine.step()
+        accepted += 1
+        if log_now:
+            terms = _terms(out)
+            names = sorted(terms)
+            vec = torch.stack([terms[n].detach().float() for n in names])
+            sums = vec if sums is None else sums + vec
+    state.step += 1
+    norm = engine.get_global_grad_norm()
+    return StepStats(
+        terms=dict(zip(names, sums.tolist())) if sums is not None else {},
+        count=accepted,
+        data_wait=wait,
+        wall=time.perf_counter() - t0,
+        tokens=tokens,
+        grad_norm=float(norm) if norm is not None else float("nan"),
+        lr=lr,
+    )
+
+
+def _skip_nonfinite(run: Run, state: TrainState) -> None:
+    state.skipped_nonfinite += 1
+    state.consecutive_nonfinite += 1
+    _say(run, f"step {state.step + 1}: non-finite loss, micro-batch {state.batches} skipped")
+    if state.consecutive_nonfinite >= run.cfg.max_consecutive_nonfinite:
+        raise NonFiniteError(
+            f"{state.consecutive_nonfinite} micro-batches in a row had a non-finite loss "
+            f"(max_consecutive_nonfinite={run.cfg.max_consecutive_nonfinite}) at step {state.step + 1}; "
+            "lower optim.lr, check the data, or resume from an earlier checkpoint"
+        )
+
+
+def _fault_hooks(run: Run, state: TrainState) -> None:
+    if run.hooks["step_sleep"]:
+        time.sleep(run.hooks["step_sleep"])
+    if run.hooks["kill_at_step"] and state.step == run.hooks["kill_at_step"]:
+        if run.trace is not None:
+            run.trace.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _save(run: Run, state: TrainState) -> None:
+    """Collective: write checkpoint `step_<N>` on every rank, then mark it complete and prune."""
+    import torch.distributed as dist
+
+    from spellm_ds.data import all_gather_state
+
+    if run.saved_step == state.step:
+        return  # this exact state is already a complete checkpoint (never rewrite what `latest` names)
+    root = run.cfg.checkpoint_dir
+    tag = tag_for(state.step)
+    if run.rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        if (root / tag).exists():  # leftovers of a crashed save of the same step
+            shutil.rmtree(root / tag)
+    rngs: list[Any] = [None] * run.world_size
+    dist.all_gather_object(rngs, _rng_state())
+    client = {
+        "spellm": {
+            "state": vars(state).copy(),
+            "data": all_gather_state(run.loader),
+            "rng": rngs,
+            "config": run.cfg.to_dict(),
+            "charset_hash": run.table.hash,
+            "tokenizer_hash": run.pre.tokenizer_hash,
+            "world_size": run.world_size,
+        }
+    }
+    run.engine.save_checkpoint(str(root), tag=tag, client_state=client, save_latest=False)
+    # save_checkpoint ends with a barrier: every rank's files are written when rank 0 gets here.
+    if run.rank == 0:
+        meta = {
+            "tag": tag,
+            "step": state.step,
+            "world_size": run.world_size,
+            "tokens_seen": state.tokens_seen,
+            "samples_seen": state.samples_seen,
+            "charset_hash": run.table.hash,
+            "tokenizer_hash": run.pre.tokenizer_hash,
+            "model_path": str(Path(run.cfg.model.path).resolve()),
+            "trainable_layers": run.cfg.model.trainable_layers,
+            "k": run.cfg.model.k,
+            "config": run.cfg.to_dict(),
+            "time": time.time(),
+        }
+        run.table.save(root / tag / CHARSET_NAME)  # the exact table trained against, for export
+        _write_atomic(root / tag / META_NAME, json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        _write_atomic(root / LATEST, tag)
+        prune_checkpoints(root, run.cfg.checkpoint.keep_latest_k)
+    dist.barrier()
+    run.saved_step = state.step
+
+
+def prune_checkpoints(root: str | os.PathLike, keep: int) -> list[str]:
+    """Delete all but the newest `keep` complete checkpoints (0 keeps all) and partial ones; return tags."""
+    root = Path(root)
+    current = latest_checkpoint(root)
+    if current is None:
+        return []
+    newest = int(_TAG_RE.match(current.name).group(1))
+    tags = sorted((int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _TAG_RE.match(p.name)))
+    complete = [(s, p) for s, p in tags if s <= newest and (p / META_NAME).is_file()]
+    keep_set = {p for _, p in (complete[-keep:] if keep else complete)} | {current}
+    removed = []
+    for _, p in tags:
+        if p not in keep_set:
+            shutil.rmtree(p, ignore_errors=True)
+            shutil.rmtree(root / UNIVERSAL_DIR / p.name, ignore_errors=True)
+            removed.append(p.name)
+    return removed
+
+
+def _to_universal(run: Run, checkpoint: Path) -> Path:
+    """Collective: rank 0 converts `checkpoint` to DeepSpeed's universal format once; return its root."""
+    import torch.distributed as dist
+
+    out_root = run.cfg.checkpoint_dir / UNIVERSAL_DIR
+    out = out_root / checkpoint.name
+    done = out / ".complete"
+    if run.rank == 0 and not done.is_file():
+        shutil.rmtree(out, ignore_errors=True)
+        out_root.mkdir(parents=True, exist_ok=True)
+        cmd = [
+            sys.executable,
+            "-m",
+            "deepspeed.checkpoint.ds_to_universal",
+            "--input_folder",
+            str(checkpoint),
+            "--output_folder",
+            str(out),
+            "--num_extract_workers",
+            "1",
+            "--num_merge_workers",
+            "1",
+        ]
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            raise SpellmError(
+                f"converting {checkpoint} to a universal checkpoint failed:\n{proc.stdout[-2000:]}"
+                f"{proc.stderr[-2000:]}"
+            )
+        _write_atomic(done, checkpoint.name)
+    dist.barrier()
+    return out_root
+
+
+def _restore(run: Run, resume: Path | None) -> TrainState:
+    """Load the checkpoint `resume` (or start fresh); return the counters and start the batch stream."""
+    state = TrainState()
+    if resume is not None:
+        load_root = _to_universal(run, resume) if run.universal else resume.parent
+        path, client = run.engine.load_checkpoint(str(load_root), tag=resume.name)
+        if path is None or not client or "spellm" not in client:
+            raise SpellmError(f"could not load checkpoint {resume}")
+        saved = client["spellm"]
+        if saved["charset_hash"] != run.table.hash:
+            raise SpellmError(
+                f"checkpoint {resume} was trained with charset {saved['charset_hash'][:12]}..., "
+                f"this run uses {run.table.hash[:12]}... (model.charset / model.k changed?)"
+            )
+        state = TrainState(**saved["state"])
+        if resume.parent.resolve() == run.cfg.checkpoint_dir.resolve():
+            run.saved_step = state.step  # already a complete checkpoint of this run
+        run.loader.load_state_dict(saved["data"])
+        if not run.universal:
+            _set_rng_state(saved["rng"][run.rank])
+    run.corrupt_at_start = run.loader.corrupt_skipped
+    run.batches = iter(run.loader)
+    return state
+
+
+# ---------------------------------------------------------------------------------------------------
+# Logging and eval
+
+
+def _memory_mb(device: torch.device) -> dict[str, float]:
+    if device.type == "cuda":
+        return {
+            "memory/cuda_max_allocated_mb": torch.cuda.max_memory_allocated(device) / 2**20,
+            "memory/cuda_allocated_mb": torch.cuda.memory_allocated(device) / 2**20,
+        }
+    out = {"memory/max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+        out["memory/rss_mb"] = pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        pass
+    return out
+
+
+def _mean_over_ranks(run: Run, values: dict[str, float]) -> dict[str, float]:
+    import torch.distributed as dist
+
+    names = sorted(values)
+    t = torch.tensor([values[n] for n in names], dtype=torch.float64, device=run.device)
+    dist.all_reduce(t)
+    return {n: float(v) / run.world_size for n, v in zip(names, t.tolist())}
+
+
+def _open_writer(run: Run, state: TrainState) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
+    if run.rank == 0 and run.writer is None:
+        run.cfg.tensorboard_dir.mkdir(parents=True, exist_ok=True)
+        # purge_step drops events a crashed run logged after the checkpoint it resumes from
+        run.writer = SummaryWriter(
+            str(run.cfg.tensorboard_dir), purge_step=state.step + 1 if state.step else None
+        )
+
+
+def _log_start(run: Run, state: TrainState, resume: Path | None) -> None:
+    _open_writer(run, state)
+    trainable = sum(
+        p.ds_numel if hasattr(p, "ds_numel") else p.numel()
+        for p in run.engine.module.parameters()
+        if p.requires_grad
+    )
+    total = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in run.engine.module.parameters())
+    where = f"resumed from {resume}" + (" (universal)" if run.universal else "") if resume else "fresh start"
+    _say(
+        run,
+        f"{where} at step {state.step}; world size {run.world_size}, micro {run.pre.micro} x accum "
+        f"{run.pre.grad_accum} = batch {run.pre.train_batch}; trainable {trainable:,} of {total:,} params",
+    )
+    if run.writer is None:
+        return
+    from torch.utils.tensorboard.summary import hparams
+
+    text = run.cfg.to_yaml()
+    run.writer.add_text("config", "```yaml\n" + text + "\n```", global_step=state.step)
+    flat = _flatten(run.cfg.to_dict())
+    flat.update(world_size=run.world_size, train_batch=run.pre.train_batch, grad_accum=run.pre.grad_accum)
+    flat["trainable_params"] = trainable
+    hp = {k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in flat.items()}
+    exp, ssi, sei = hparams(hp, {"train/loss": float("nan"), "eval/loss": float("nan")})
+    for summary in (exp, ssi, sei):
+        run.writer.file_writer.add_summary(summary)
+    run.writer.flush()
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v if v is not None else "null"
+    return out
+
+
+def _log_train(run: Run, state: TrainState, stats: StepStats) -> None:
+    means = {name: total / max(1, stats.count) for name, total in stats.terms.items()}
+    means["time/data_wait_s"] = stats.data_wait
+    means["time/compute_s"] = stats.wall - stats.data_wait
+    means["time/step_s"] = stats.wall
+    means.update(_memory_mb(run.device))
+    # Every rank's count holds the merged total at the last resume plus its own since: sum the increments.
+    means["data/corrupt_samples"] = float(run.loader.corrupt_skipped - run.corrupt_at_start)
+    avg = _mean_over_ranks(run, means)
+    avg["data/corrupt_samples"] = avg["data/corrupt_samples"] * run.world_size + run.corrupt_at_start
+    if run.writer is None:
+        return
+    scalars = {f"train/{k}" if "/" not in k else k: v for k, v in avg.items()}
+    scalars.update(
+        {
+            "train/lr": stats.lr,
+            "train/grad_norm": stats.grad_norm,
+            "train/skipped_nonfinite": float(state.skipped_nonfinite),
+            "throughput/tokens_per_s": stats.tokens / max(stats.wall, 1e-9),
+            "progress/samples_seen": float(state.samples_seen),
+            "progress/tokens_seen": float(state.tokens_seen),
+            "progress/epoch": float(run.loader.epoch),
+        }
+    )
+    for name, value in scalars.items():
+        run.writer.add_scalar(name, value, state.step)
+    run.writer.flush()
+    if state.step == 1 or state.step % (10 * run.cfg.log_interval) == 0 or state.step == run.cfg.max_steps:
+        _say(run, f"step {state.step}: loss {scalars.get('train/loss', float('nan')):.4f} lr {stats.lr:.3g}")
+
+
+@torch.no_grad()
+def _evaluate(run: Run, state: TrainState) -> dict[str, float]:
+    """Collective: mean loss and metrics over `eval.batches` held-out micro-batches per rank."""
+    run.engine.eval()
+    loader = run.eval_loader
+    loader.start_epoch(0)
+    sums: dict[str, float] = {}
+    weight = 0.0
+    sample_batch = None
+    for i, batch in enumerate(loader.iter_epoch()):
+        if i >= run.cfg.eval.batches:
+            break
+        batch = _to_device(batch, run.device)
+        out = _forward(run, batch, with_metrics=True)
+        terms = _terms(out)
+        w = float(batch["loss_mask"].sum())
+        weight += w
+        for name, value in terms.items():
+            sums[name] = sums.get(name, 0.0) + float(value) * w
+        if sample_batch is None and run.rank == 0:
+            sample_batch = (batch, out.char_logits.detach())
+    run.engine.train()
+    sums["_weight"] = weight
+    import torch.distributed as dist
+
+    names = sorted(sums)
+    t = torch.tensor([sums[n] for n in names], dtype=torch.float64, device=run.device)
+    dist.all_reduce(t)
+    total = dict(zip(names, t.tolist()))
+    w = max(total.pop("_weight"), 1.0)
+    result = {f"eval/{k}": v / w for k, v in total.items()}
+    if run.writer is not None:
+        for name, value in result.items():
+            run.writer.add_scalar(name, value, state.step)
+        if sample_batch is not None and run.cfg.eval.text_samples:
+            run.writer.add_text("eval/samples", _text_samples(run, *sample_batch), state.step)
+        run.writer.flush()
+    _say(run, f"eval at step {state.step}: loss {result.get('eval/loss', float('nan')):.4f}")
+    return result
+
+
+def _text_samples(
+    run: Run, batch: dict[str, torch.Tensor], char_logits: torch.Tensor, positions: int = 32
+) -> str:
+    """Markdown: per position, the input token, the teacher's top-1 next token and the student's decode."""
+    chars = char_logits.argmax(-1)  # [B, T, k]
+    ids = run.lookup.lookup(chars)  # [B, T], -1 when the spelled string is no token
+    tok = run.tokenizer
+    cs = run.table.charset
+    parts = []
+    for b in range(min(run.cfg.eval.text_samples, chars.shape[0])):
+        if int(batch["sample_index"][b]) < 0:
+            continue
+        n = min(positions, chars.shape[1])
+        context = tok.decode(batch["input_ids"][b, :n].tolist())
+        rows = ["| t | input | teacher top-1 | student | match |", "|---|---|---|---|---|"]
+        hits = 0
+        for t in range(n):
+            teacher = int(batch["topk_ids"][b, t, 0])
+            student = int(ids[b, t])
+            shown = tok.decode([student]) if student >= 0 else "⟨" + cs.decode(chars[b, t].tolist()) + "⟩"
+            hit = student == teacher
+            hits += hit
+            given = tok.decode([int(batch["input_ids"][b, t])])
+            rows.append(
+                f"| {t} | `{_md(given)}` | `{_md(tok.decode([teacher]))}` | `{_md(shown)}` "
+                f"| {'✓' if hit else '✗'} |"
+            )
+        parts.append(
+            f"**sample {int(batch['sample_index'][b])}** "
+            f"({hits}/{n} equal to teacher top-1; ⟨⟩ = spelled string that is no token)\n\n"
+            f"text: `{_md(context)}`\n\n" + "\n".join(rows)
+        )
+    return "\n\n".join(parts)
+
+
+def _md(text: str) -> str:
+    return text.replace("\n", "\\n").replace("|", "\\|").replace("`", "'")
