@@ -1,0 +1,531 @@
+"""Intrinsic evaluation of an exported SpeLLM model on held-out teacher shards, and threshold calibration.
+
+Every masked-in position t of every sample is one case: the student's char heads at t against the
+teacher's top-5 for token t+1 (index 0 is the teacher's top-1; shards store them sorted). Definitions:
+
+- decoded token: the heads' argmax string (read up to its first `<end>`) looked up exactly
+  (`TokenLookup.lookup`); no token when the string is none. With AutoCorrect: the decoded token, or the
+  AutoCorrect token (best decodable token under the heads' log-probs) where the string is no token.
+- `exact_top1` / `exact_top5`: the decoded token is the teacher's top-1 / one of its top-5.
+- prefix match: the predicted string is non-empty and a prefix of a candidate's END-padded row (an empty
+  string would prefix everything and counts as a miss); `exact_or_prefix_top5` = exact or prefix against
+  any of the top-5. Candidates are the decodable ones (the tokens the heads can produce; the loss labels).
+  The `_autocorrect` variants use the AutoCorrect token's own row as the predicted string.
+- `char_acc_per_head[i]`: head i's argmax symbol equals symbol i of the teacher top-1's row (positions
+  whose top-1 is decodable).
+- fallback path: the original lm_head's argmax on the student's final hidden state;
+  `fallback_top1` = its agreement with the teacher's top-1 over all positions.
+- mean head entropy H (nats) per position. At threshold τ a position uses the char path with
+  AutoCorrect when H ≤ τ and the fallback when H > τ (as `SpeLLMForCausalLM.decode_step` does).
+  `threshold` is the largest τ whose top-1 agreement reaches `target` (i.e. the lowest fallback rate);
+  when no τ reaches it, the τ of the highest agreement (`target_reached: false`). Negative τ means
+  "always fall back". `fallback_rate` and `agreement_top1_with_fallback` are at that τ.
+- `auroc_entropy_error_top1`: AUROC of H as a score for "the char path with AutoCorrect disagrees with
+  teacher top-1" (ties count one half; the Mann-Whitney statistic); `..._top5` likewise for "not exact or
+  prefix of any top-5".
+- `by_length`: by the spelled length of the teacher's top-1 (1..k, `>k` truncated, `unk` unspellable);
+  `by_entropy`: by bins of H; each with count, share and the two headline accuracies (with AutoCorrect).
+
+Outputs: the metrics dict (and `--json`), a PNG of agreement and fallback rate against τ, TensorBoard
+scalars under `eval/` and the τ curve under `eval_threshold/` (step = τ in milli-nats), and with
+`calibrate` the chosen τ in the export's `spellm_config.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from spellm_ds.errors import SpellmError
+
+DEFAULT_ENTROPY_BINS = (0.0, 0.01, 0.02, 0.05, 0.1, 0.22, 0.5, 1.0, 2.0, math.inf)
+JSON_KEYS = (
+    "exact_top1",
+    "exact_top5",
+    "exact_or_prefix_top5",
+    "exact_or_prefix_top5_autocorrect",
+    "threshold",
+    "fallback_rate",
+    "agreement_top1_with_fallback",
+)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Pure functions on tensors / arrays
+
+
+def string_matches(pred: Tensor, cand: Tensor, end_id: int = 0) -> tuple[Tensor, Tensor]:
+    """Exact and non-empty-prefix match of END-padded char rows `pred [..., k]` against `cand [..., k]`."""
+    k = pred.shape[-1]
+    is_end = pred == end_id
+    plen = torch.where(is_end.any(-1), is_end.long().argmax(-1), torch.full_like(pred[..., 0], k))
+    before = torch.arange(k, device=pred.device) < plen[..., None]
+    same = pred == cand
+    exact = same.all(-1)
+    prefix = (same | ~before).all(-1) & (plen > 0)
+    return exact, prefix
+
+
+def match_flags(
+    pred_tokens: Tensor,
+    pred_chars: Tensor,
+    topk_ids: Tensor,
+    token_chars: Tensor,
+    decodable: Tensor,
+    end_id: int = 0,
+) -> dict[str, Tensor]:
+    """Per-position exact/prefix flags of predicted tokens `[N]` (-1: none) and strings `[N, k]` vs top-K."""
+    v = token_chars.shape[0]
+    inside = (topk_ids >= 0) & (topk_ids < v)
+    safe = topk_ids.clamp(0, v - 1)
+    eligible = inside & decodable[safe]  # [N, K]
+    cand = token_chars[safe]  # [N, K, k]
+    _, prefix = string_matches(pred_chars[:, None, :], cand, end_id)
+    prefix = prefix & eligible
+    exact = (pred_tokens[:, None] == topk_ids) & (pred_tokens[:, None] >= 0)
+    return {
+        "exact_top1": exact[:, 0],
+        "exact_top5": exact.any(-1),
+        "prefix_top1": prefix[:, 0],
+        "exact_or_prefix_top5": (exact | prefix).any(-1),
+    }
+
+
+def auroc(scores: np.ndarray, labels: np.ndarray) -> float | None:
+    """Area under the ROC curve of `scores` for binary `labels` (1 = positive), ties counted one half."""
+    scores = np.asarray(scores, dtype=np.float64)
+    labels = np.asarray(labels).astype(bool)
+    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
+    if n_pos == 0 or n_neg == 0:
+        return None
+    order = np.argsort(scores, kind="mergesort")
+    s = scores[order]
+    ranks = np.empty(len(s), dtype=np.float64)
+    # Average rank (1-based) within each group of equal scores.
+    starts = np.flatnonzero(np.r_[True, s[1:] != s[:-1]])
+    ends = np.r_[starts[1:], len(s)]
+    for a, b in zip(starts, ends):
+        ranks[a:b] = (a + 1 + b) / 2.0
+    rank_of = np.empty_like(ranks)
+    rank_of[order] = ranks
+    u = rank_of[labels].sum() - n_pos * (n_pos + 1) / 2.0
+    return float(u / (n_pos * n_neg))
+
+
+@dataclass
+class Sweep:
+    """Agreement with teacher top-1 and fallback rate at every distinct threshold (ascending)."""
+
+    thresholds: np.ndarray  # [M]; the first is -1.0 (always fall back)
+    agreement: np.ndarray  # [M]
+    fallback_rate: np.ndarray  # [M]
+
+
+def threshold_sweep(entropy: np.ndarray, char_correct: np.ndarray, fallback_correct: np.ndarray) -> Sweep:
+    """Exact agreement/fallback-rate curve: char path where entropy ≤ τ, fallback where entropy > τ."""
+    h = np.asarray(entropy, dtype=np.float64)
+    n = len(h)
+    if n == 0:
+        return Sweep(np.array([-1.0]), np.array([0.0]), np.array([1.0]))
+    order = np.argsort(h, kind="mergesort")
+    hs = h[order]
+    cc = np.cumsum(np.asarray(char_correct, dtype=np.int64)[order])
+    fc = np.cumsum(np.asarray(fallback_correct, dtype=np.int64)[order])
+    fb_total = fc[-1]
+    last = np.flatnonzero(np.r_[hs[1:] != hs[:-1], True])  # last index of each group of equal entropies
+    j = last + 1  # number of positions on the char path at τ = hs[last]
+    agree = np.r_[fb_total, cc[last] + fb_total - fc[last]] / n
+    rate = np.r_[n, n - j] / n
+    return Sweep(thresholds=np.r_[-1.0, hs[last]], agreement=agree.astype(np.float64), fallback_rate=rate)
+
+
+def calibrate_threshold(
+    entropy: np.ndarray, char_correct: np.ndarray, fallback_correct: np.ndarray, target: float = 0.99
+) -> dict[str, Any]:
+    """The largest threshold whose top-1 agreement reaches `target` (else the best one), with its costs."""
+    sw = threshold_sweep(entropy, char_correct, fallback_correct)
+    ok = np.flatnonzero(sw.agreement >= target - 1e-12)
+    if ok.size:
+        i, reached = int(ok[-1]), True
+    else:
+        best = sw.agreement.max()
+        i, reached = int(np.flatnonzero(sw.agreement == best)[-1]), False
+    return {
+        "threshold": float(sw.thresholds[i]),
+        "fallback_rate": float(sw.fallback_rate[i]),
+        "agreement_top1_with_fallback": float(sw.agreement[i]),
+        "target": float(target),
+        "target_reached": reached,
+    }
+
+
+def curve_at(
+    entropy: np.ndarray, char_correct: np.ndarray, fallback_correct: np.ndarray, thresholds: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Agreement with teacher top-1 and fallback rate at the given thresholds."""
+    h = np.asarray(entropy, dtype=np.float64)
+    n = max(1, len(h))
+    order = np.argsort(h, kind="mergesort")
+    hs = h[order]
+    cc = np.r_[0, np.cumsum(np.asarray(char_correct, dtype=np.int64)[order])]
+    fc = np.r_[0, np.cumsum(np.asarray(fallback_correct, dtype=np.int64)[order])]
+    j = np.searchsorted(hs, np.asarray(thresholds, dtype=np.float64), side="right")
+    agree = (cc[j] + fc[-1] - fc[j]) / n
+    return agree, (len(h) - j) / n
+
+
+def default_threshold_grid(num_chars: int) -> np.ndarray:
+    """Thresholds for plots and TensorBoard: fine below 0.5 nats, coarse up to ln|C|."""
+    top = math.log(max(2, num_chars))
+    grid = np.r_[np.linspace(0.0, 0.5, 101), np.linspace(0.5, top, 41)]
+    return np.unique(np.round(grid, 3))
+
+
+def _bucket_stats(
+    keys: np.ndarray, labels: list[str], flags: dict[str, np.ndarray]
+) -> dict[str, dict[str, float]]:
+    n = max(1, len(keys))
+    out: dict[str, dict[str, float | None]] = {}
+    for i, name in enumerate(labels):
+        sel = keys == i
+        cnt = int(sel.sum())
+        row: dict[str, float | None] = {"count": cnt, "share": cnt / n}
+        for fname, f in flags.items():
+            row[fname] = float(f[sel].mean()) if cnt else None
+        out[name] = row
+    return out
+
+
+def summarize(
+    cases: dict[str, np.ndarray],
+    *,
+    k: int,
+    num_chars: int,
+    target: float = 0.99,
+    entropy_bins: tuple[float, ...] = DEFAULT_ENTROPY_BINS,
+) -> dict[str, Any]:
+    """All metrics from per-position arrays (the keys `position_cases` returns)."""
+    n = len(cases["entropy"])
+    if n == 0:
+        raise SpellmError("no masked-in positions to evaluate")
+
+    def mean(key: str) -> float:
+        return float(np.mean(cases[key]))
+
+    res: dict[str, Any] = {"positions": n}
+    for key in (
+        "exact_top1",
+        "exact_top5",
+        "prefix_top1",
+        "exact_or_prefix_top5",
+        "exact_top1_autocorrect",
+        "exact_top5_autocorrect",
+        "exact_or_prefix_top5_autocorrect",
+        "fallback_top1",
+        "fallback_top5",
+    ):
+        res[key] = mean(key)
+    res["lookup_miss_rate"] = mean("miss")
+    res["agreement_top1_no_fallback"] = res["exact_top1_autocorrect"]
+    hv = cases["head_valid"]
+    res["char_acc_per_head"] = [float(cases["char_ok"][hv, i].mean()) if hv.any() else None for i in range(k)]
+    res["char_acc"] = float(np.mean(res["char_acc_per_head"])) if hv.any() else None
+    res["mean_head_entropy"] = mean("entropy")
+    char_ok = cases["exact_top1_autocorrect"]
+    fb_ok = cases["fallback_top1"]
+    cal = calibrate_threshold(cases["entropy"], char_ok, fb_ok, target)
+    res.update(cal)
+    res["auroc_entropy_error_top1"] = auroc(cases["entropy"], ~char_ok)
+    res["auroc_entropy_error_top5"] = auroc(cases["entropy"], ~cases["exact_or_prefix_top5_autocorrect"])
+    # Top-5 match with fallback at the chosen threshold: char path below, fallback token above.
+    on_fb = cases["entropy"] > cal["threshold"]
+    res["exact_or_prefix_top5_with_fallback"] = float(
+        np.where(on_fb, cases["fallback_top5"], cases["exact_or_prefix_top5_autocorrect"]).mean()
+    )
+    flags = {
+        "exact_top1": cases["exact_top1_autocorrect"],
+        "exact_or_prefix_top5": cases["exact_or_prefix_top5_autocorrect"],
+    }
+    length = cases["top1_length"]
+    len_key = np.where(length < 0, k + 1, np.minimum(length, k + 1) - 1)  # 0..k-1, k = ">k", k+1 = unk
+    res["by_length"] = _bucket_stats(len_key, [str(i + 1) for i in range(k)] + [f">{k}", "unk"], flags)
+    edges = np.asarray(entropy_bins, dtype=np.float64)
+    ent_key = np.clip(np.searchsorted(edges, cases["entropy"], side="right") - 1, 0, len(edges) - 2)
+    ent_labels = [f"[{edges[i]:g},{edges[i + 1]:g})" for i in range(len(edges) - 1)]
+    res["by_entropy"] = _bucket_stats(ent_key, ent_labels, flags)
+    grid = default_threshold_grid(num_chars)
+    agree, rate = curve_at(cases["entropy"], char_ok, fb_ok, grid)
+    res["curve"] = {
+        "threshold": grid.tolist(),
+        "agreement_top1": agree.tolist(),
+        "fallback_rate": rate.tolist(),
+    }
+    return res
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Model-side: per-position cases from a batch
+
+
+@torch.inference_mode()
+def position_cases(
+    model: Any, input_ids: Tensor, topk_ids: Tensor, loss_mask: Tensor, lm_chunk: int = 512
+) -> dict[str, np.ndarray]:
+    """Run the model on one batch and return per-position arrays for the masked-in positions."""
+    from spellm_ds.inference import canonical_chars, mean_head_entropy
+
+    dec = model.decoder
+    out = model(input_ids)
+    mask = loss_mask.bool()
+    hidden = out.hidden[mask]  # [N, d]
+    logits = out.char_logits[mask].float()  # [N, k, C]
+    topk = topk_ids[mask].long()  # [N, K]
+    logp = logits.log_softmax(-1)
+    entropy = mean_head_entropy(logp)
+    raw = logits.argmax(-1)
+    chars = canonical_chars(raw, dec.end_id)
+    tokens = dec.decode_chars(chars)
+    miss = tokens < 0
+    ac_tokens = tokens.clone()
+    if bool(miss.any()):
+        rows = miss.nonzero().squeeze(1)
+        ac_tokens[rows] = dec.autocorrect(logp[rows])
+    token_chars = dec.lookup.token_chars
+    decodable = dec.lookup.decodable
+    ac_chars = torch.where(miss[:, None], token_chars[ac_tokens.clamp(min=0)], chars)
+    plain = match_flags(tokens, chars, topk, token_chars, decodable, dec.end_id)
+    corrected = match_flags(ac_tokens, ac_chars, topk, token_chars, decodable, dec.end_id)
+    fb = torch.cat(
+        [model.lm_logits(hidden[i : i + lm_chunk]).argmax(-1) for i in range(0, len(hidden), lm_chunk)]
+    )
+    v = token_chars.shape[0]
+    top1 = topk[:, 0]
+    top1_in = (top1 >= 0) & (top1 < v)
+    safe1 = top1.clamp(0, v - 1)
+    head_valid = top1_in & decodable[safe1]
+    lengths = torch.from_numpy(model.table.lengths.astype(np.int64)).to(top1.device)
+    unknown = torch.from_numpy(model.table.unknown).to(top1.device)
+    top1_len = torch.where(top1_in & ~unknown[safe1], lengths[safe1], torch.full_like(top1, -1))
+    res = {
+        "entropy": entropy,
+        "miss": miss,
+        "exact_top1": plain["exact_top1"],
+        "exact_top5": plain["exact_top5"],
+        "prefix_top1": plain["prefix_top1"],
+        "exact_or_prefix_top5": plain["exact_or_prefix_top5"],
+        "exact_top1_autocorrect": corrected["exact_top1"],
+        "exact_top5_autocorrect": corrected["exact_top5"],
+        "exact_or_prefix_top5_autocorrect": corrected["exact_or_prefix_top5"],
+        "fallback_top1": fb == top1,
+        "fallback_top5": (fb[:, None] == topk).any(-1),
+        "char_ok": raw == token_chars[safe1],
+        "head_valid": head_valid,
+        "top1_length": top1_len,
+    }
+    return {key: t.cpu().numpy() for key, t in res.items()}
+
+
+def _iter_batches(location: Path, index: dict[str, Any], batch_size: int, max_samples: int | None):
+    from spellm_ds.shards import iter_shard
+
+    batch: list[dict[str, Any]] = []
+    seen = 0
+    for entry in index["shards"]:
+        for sample in iter_shard(location / entry["name"]):
+            batch.append(sample)
+            seen += 1
+            if len(batch) == batch_size:
+                yield batch
+                batch = []
+            if max_samples is not None and seen >= max_samples:
+                if batch:
+                    yield batch
+                return
+    if batch:
+        yield batch
+
+
+def _stack(batch: list[dict[str, Any]], key: str, dtype: torch.dtype) -> Tensor:
+    return torch.from_numpy(np.stack([np.asarray(s[key]) for s in batch])).to(dtype)
+
+
+def evaluate(
+    model_dir: str | os.PathLike,
+    shards: str | os.PathLike,
+    *,
+    json_out: str | os.PathLike | None = None,
+    plot: str | os.PathLike | None = None,
+    tb_dir: str | os.PathLike | None = None,
+    calibrate: bool = False,
+    target: float = 0.99,
+    batch_size: int = 4,
+    max_samples: int | None = None,
+    device: str = "cpu",
+    base_model: str | os.PathLike | None = None,
+    trust_remote_code: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Evaluate an export directory on held-out shards; write JSON, PNG, TensorBoard and calibration."""
+    from tqdm import tqdm
+
+    from spellm_ds.inference import SpeLLMForCausalLM
+    from spellm_ds.shards import read_index
+
+    if not 0 < target <= 1:
+        raise SpellmError(f"target must be in (0, 1], got {target}")
+    if batch_size < 1:
+        raise SpellmError(f"batch_size must be >= 1, got {batch_size}")
+    location = Path(shards)
+    index = read_index(location)
+    model = SpeLLMForCausalLM.from_pretrained(
+        model_dir, base_model=base_model, device=device, trust_remote_code=trust_remote_code
+    )
+    want = model.spellm_config.get("tokenizer_hash")
+    if want and index["tokenizer_hash"] != want:
+        raise SpellmError(
+            f"{location}/index.json: shards were built with tokenizer {index['tokenizer_hash'][:12]}..., "
+            f"the model's tokenizer is {want[:12]}...: not this model's data"
+        )
+    total = sum(int(e["samples"]) for e in index["shards"])
+    if max_samples is not None:
+        total = min(total, max_samples)
+    parts: dict[str, list[np.ndarray]] = {}
+    bar = tqdm(total=total, desc="eval", unit="sample", disable=not progress)
+    for batch in _iter_batches(location, index, batch_size, max_samples):
+        ids = _stack(batch, "input_ids", torch.long).to(model.device)
+        topk = _stack(batch, "topk_ids", torch.long).to(model.device)
+        if "loss_mask" in batch[0] and batch[0]["loss_mask"] is not None:
+            mask = _stack(batch, "loss_mask", torch.bool).to(model.device)
+        else:
+            mask = torch.ones(ids.shape, dtype=torch.bool, device=model.device)
+        for key, arr in position_cases(model, ids, topk, mask).items():
+            parts.setdefault(key, []).append(arr)
+        bar.update(len(batch))
+    bar.close()
+    if not parts:
+        raise SpellmError(f"{location}: no samples to evaluate")
+    cases = {key: np.concatenate(v) for key, v in parts.items()}
+    res = summarize(cases, k=model.table.k, num_chars=model.table.charset.size, target=target)
+    res["samples"] = total
+    res["model"] = str(Path(model_dir).resolve())
+    res["shards"] = str(location)
+    res["step"] = model.spellm_config.get("step")
+
+    plot_path = (
+        Path(plot)
+        if plot
+        else (Path(json_out).with_suffix(".png") if json_out else Path(model_dir) / "eval_threshold.png")
+    )
+    write_plot(res, plot_path)
+    res["plot"] = str(plot_path)
+    if tb_dir:
+        write_tensorboard(res, tb_dir, step=int(res["step"] or 0))
+    if calibrate:
+        write_threshold(model_dir, res, location)
+    if json_out:
+        Path(json_out).parent.mkdir(parents=True, exist_ok=True)
+        _write_json(Path(json_out), res)
+    return res
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Outputs
+
+
+def write_plot(res: dict[str, Any], path: str | os.PathLike) -> Path:
+    """PNG of top-1 agreement (with fallback) and fallback rate against the entropy threshold."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curve = res["curve"]
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    ax.plot(
+        curve["threshold"], curve["agreement_top1"], color="tab:blue", label="agreement with teacher top-1"
+    )
+    ax.set_xlabel("fallback threshold τ (mean head entropy, nats)")
+    ax.set_ylabel("agreement with teacher top-1", color="tab:blue")
+    ax.axhline(res["target"], color="tab:blue", linestyle=":", linewidth=1)
+    if res["threshold"] >= 0:
+        ax.axvline(
+            res["threshold"], color="gray", linestyle="--", linewidth=1, label=f"τ = {res['threshold']:.3g}"
+        )
+    ax.set_xscale("symlog", linthresh=0.01)
+    ax2 = ax.twinx()
+    ax2.plot(curve["threshold"], curve["fallback_rate"], color="tab:red", label="fallback rate")
+    ax2.set_ylabel("fallback rate", color="tab:red")
+    ax2.set_ylim(0, 1)
+    lines = ax.get_legend_handles_labels()
+    lines2 = ax2.get_legend_handles_labels()
+    ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], loc="center right", fontsize=8)
+    ax.set_title(
+        f"exact-or-prefix top-5 {100 * res['exact_or_prefix_top5']:.1f}% "
+        f"({100 * res['exact_or_prefix_top5_autocorrect']:.1f}% with AutoCorrect)",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
+def scalar_metrics(res: dict[str, Any]) -> dict[str, float]:
+    """The scalar metrics of a result (TensorBoard tags under `eval/`)."""
+    out = {k: float(v) for k, v in res.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    out.pop("step", None)
+    for i, acc in enumerate(res.get("char_acc_per_head", [])):
+        if acc is not None:
+            out[f"char_acc_h{i}"] = float(acc)
+    return out
+
+
+def write_tensorboard(res: dict[str, Any], tb_dir: str | os.PathLike, step: int = 0) -> None:
+    """Scalars under `eval/` at `step`, the τ curve under `eval_threshold/` (step = τ in milli-nats)."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(tb_dir))
+    try:
+        for key, val in scalar_metrics(res).items():
+            if math.isfinite(val):
+                writer.add_scalar(f"eval/{key}", val, step)
+        curve = res["curve"]
+        for t, a, r in zip(curve["threshold"], curve["agreement_top1"], curve["fallback_rate"]):
+            writer.add_scalar("eval_threshold/agreement_top1", a, round(t * 1000))
+            writer.add_scalar("eval_threshold/fallback_rate", r, round(t * 1000))
+    finally:
+        writer.close()
+
+
+def write_threshold(model_dir: str | os.PathLike, res: dict[str, Any], shards: Path) -> None:
+    """Record the calibrated threshold in the export's `spellm_config.json`."""
+    from spellm_ds.inference import SPELLM_CONFIG, read_spellm_config
+
+    cfg = read_spellm_config(model_dir)
+    cfg["fallback_threshold"] = res["threshold"]
+    cfg["threshold_source"] = "calibrated"
+    cfg["calibration"] = {
+        "shards": str(shards),
+        "positions": res["positions"],
+        "target": res["target"],
+        "target_reached": res["target_reached"],
+        "fallback_rate": res["fallback_rate"],
+        "agreement_top1_with_fallback": res["agreement_top1_with_fallback"],
+    }
+    _write_json(Path(model_dir) / SPELLM_CONFIG, cfg)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)

@@ -1,0 +1,283 @@
+"""Evaluation: metric functions on hand-built cases against hand-computed values (AUROC with ties, the
+threshold sweep and calibration, exact/prefix matching, length and entropy buckets), then `spellm-ds eval`
+end to end on real shards of a tiny teacher: metrics against a plain per-position reference, the PNG, the
+TensorBoard scalars read back, and `--calibrate` writing the threshold the export then loads.
+
+Run alone: `.venv/bin/python -m pytest tests/test_evaluate.py -q`
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from spellm_ds.charset import CharTable
+from spellm_ds.cli import main as cli_main
+from spellm_ds.errors import SpellmError
+from spellm_ds.evaluate import (
+    JSON_KEYS,
+    auroc,
+    calibrate_threshold,
+    curve_at,
+    evaluate,
+    match_flags,
+    summarize,
+    threshold_sweep,
+)
+from spellm_ds.export import save_export
+from spellm_ds.inference import SpeLLMForCausalLM
+from spellm_ds.model import build_spellm_model
+from spellm_ds.shards import (
+    ShardEntry,
+    encode_sample,
+    make_index,
+    sample_key,
+    shard_name,
+    write_json_atomic,
+    write_shard,
+)
+from tests.export_helpers import probe_heads
+
+SEQ_LEN, SAMPLES = 24, 6
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one intra-op thread is faster than two on a shared machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Hand-built cases
+
+
+def test_auroc_by_hand():
+    # positives 0.35, 0.8 vs negatives 0.1, 0.4: 3 of 4 pairs ordered right
+    assert auroc(np.array([0.1, 0.4, 0.35, 0.8]), np.array([0, 0, 1, 1])) == pytest.approx(0.75)
+    # a tie between a positive and a negative counts one half: (0.5 + 1 + 1 + 1) / 4
+    assert auroc(np.array([0.2, 0.2, 0.5, 0.1]), np.array([1, 0, 1, 0])) == pytest.approx(0.875)
+    assert auroc(np.array([0.3, 0.1]), np.array([1, 1])) is None
+
+
+ENT = np.array([0.0, 0.1, 0.1, 0.3, 0.5])
+CHAR_OK = np.array([1, 1, 0, 1, 0], dtype=bool)
+FB_OK = np.array([1, 1, 1, 0, 1], dtype=bool)
+
+
+def test_threshold_sweep_and_calibration_by_hand():
+    sw = threshold_sweep(ENT, CHAR_OK, FB_OK)
+    # τ=-1: all fallback 4/5; τ=0: 1 + 3; τ=0.1: 2 + 1; τ=0.3: 3 + 1; τ=0.5: 3 + 0 (out of 5)
+    assert sw.thresholds.tolist() == [-1.0, 0.0, 0.1, 0.3, 0.5]
+    assert sw.agreement.tolist() == pytest.approx([0.8, 0.8, 0.6, 0.8, 0.6])
+    assert sw.fallback_rate.tolist() == pytest.approx([1.0, 0.8, 0.4, 0.2, 0.0])
+    cal = calibrate_threshold(ENT, CHAR_OK, FB_OK, target=0.8)
+    assert cal["threshold"] == pytest.approx(0.3)
+    assert cal["fallback_rate"] == pytest.approx(0.2) and cal["target_reached"]
+    cal = calibrate_threshold(ENT, CHAR_OK, FB_OK, target=0.9)  # unreachable: the best, largest τ
+    assert cal["threshold"] == pytest.approx(0.3) and not cal["target_reached"]
+    agree, rate = curve_at(ENT, CHAR_OK, FB_OK, np.array([0.05, 0.2, 1.0]))
+    assert agree.tolist() == pytest.approx([0.8, 0.6, 0.6])
+    assert rate.tolist() == pytest.approx([0.8, 0.4, 0.0])
+
+
+def test_match_flags_by_hand():
+    surfaces = ["the", " the", "th", "t", "them", "x", "the"]  # id 6 repeats "the": not decodable
+    table = CharTable.from_surfaces(surfaces, k=6)
+    assert table.decodable.tolist() == [True, True, True, True, True, True, False]
+    enc = table.charset.encode
+
+    def row(text):
+        r = enc(text)
+        return r + [0] * (6 - len(r))
+
+    pred_chars = torch.tensor([row("th"), row("the"), row(""), row("thx"), row("t"), row("the")])
+    pred_tokens = torch.tensor([2, 0, -1, -1, 3, 0])
+    topk = torch.tensor(
+        [[4, 0, 5, 3, 1], [0, 1, 2, 3, 4], [3, 0, 1, 2, 4], [4, 0, 2, 3, 1], [5, 1, 4, 2, 0], [6, 5, 1, 3, 3]]
+    )
+    f = match_flags(
+        pred_tokens,
+        pred_chars,
+        topk,
+        torch.from_numpy(table.token_chars.astype(np.int64)),
+        torch.from_numpy(table.decodable),
+    )
+    assert f["exact_top1"].tolist() == [False, True, False, False, False, False]
+    assert f["exact_top5"].tolist() == [False, True, False, False, False, False]
+    assert f["prefix_top1"].tolist() == [True, True, False, False, False, False]
+    # "th" prefixes "them"; "the" exact; empty never; "thx" nothing; "t" prefixes "them"; "the" vs the
+    # undecodable 6 (not eligible) and "x", " the", "t": nothing
+    assert f["exact_or_prefix_top5"].tolist() == [True, True, False, False, True, False]
+
+
+def test_summarize_buckets_by_hand():
+    k = 3
+    cases = {
+        "entropy": np.array([0.0, 0.005, 0.3, 0.3, 3.0]),
+        "miss": np.array([0, 0, 1, 0, 1], dtype=bool),
+        "exact_top1": np.array([1, 0, 0, 1, 0], dtype=bool),
+        "exact_top5": np.array([1, 1, 0, 1, 0], dtype=bool),
+        "prefix_top1": np.array([1, 0, 0, 1, 0], dtype=bool),
+        "exact_or_prefix_top5": np.array([1, 1, 0, 1, 1], dtype=bool),
+        "exact_top1_autocorrect": np.array([1, 0, 1, 1, 0], dtype=bool),
+        "exact_top5_autocorrect": np.array([1, 1, 1, 1, 0], dtype=bool),
+        "exact_or_prefix_top5_autocorrect": np.array([1, 1, 1, 1, 1], dtype=bool),
+        "fallback_top1": np.array([1, 1, 1, 1, 1], dtype=bool),
+        "fallback_top5": np.array([1, 1, 1, 1, 1], dtype=bool),
+        "char_ok": np.array([[1, 1, 1], [1, 0, 0], [0, 0, 0], [1, 1, 0], [0, 0, 0]], dtype=bool),
+        "head_valid": np.array([1, 1, 1, 1, 0], dtype=bool),
+        "top1_length": np.array([1, 2, 5, -1, 2]),
+    }
+    res = summarize(cases, k=k, num_chars=10, target=0.99)
+    assert res["positions"] == 5
+    assert res["exact_top1"] == pytest.approx(0.4) and res["exact_or_prefix_top5_autocorrect"] == 1.0
+    assert res["char_acc_per_head"] == pytest.approx([3 / 4, 2 / 4, 1 / 4])
+    # lengths: "1" → pos 0; "2" → pos 1, 4; ">3" → pos 2; "unk" → pos 3
+    assert res["by_length"]["1"]["count"] == 1 and res["by_length"]["2"]["count"] == 2
+    assert res["by_length"]["2"]["exact_top1"] == pytest.approx(0.0)
+    assert res["by_length"][">3"]["count"] == 1 and res["by_length"]["unk"]["count"] == 1
+    assert res["by_length"]["3"]["count"] == 0
+    # entropy bins [0,0.01) holds 2, [0.22,0.5) holds 2, [2,inf) holds 1
+    assert res["by_entropy"]["[0,0.01)"]["count"] == 2 and res["by_entropy"]["[0.22,0.5)"]["count"] == 2
+    assert res["by_entropy"]["[2,inf)"]["exact_top1"] == 0.0
+    # char path top-1 agreement 3/5; the fallback is always right. Reaching 0.99 needs the miss at entropy
+    # 0.005 on the fallback, so τ = 0.0: everything above it (4 of 5) falls back
+    assert res["threshold"] == 0.0 and res["fallback_rate"] == pytest.approx(0.8)
+    assert res["agreement_top1_with_fallback"] == 1.0
+    # errors (top-1 with AutoCorrect wrong) at entropies 0.005 and 3.0 vs right at 0.0, 0.3, 0.3:
+    # 0.005 beats 0.0 only (1 of 3); 3.0 beats all three → 4 / 6
+    assert res["auroc_entropy_error_top1"] == pytest.approx(4 / 6)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# End to end on real shards
+
+
+@pytest.fixture(scope="module")
+def shards(tiny_llama, docs_files, tmp_path_factory):
+    """A held-out dataset built from the tiny model as its own teacher (top-5 of its logits)."""
+    tok = AutoTokenizer.from_pretrained(str(tiny_llama))
+    teacher = AutoModelForCausalLM.from_pretrained(str(tiny_llama)).eval()
+    text = docs_files[-1].read_text(encoding="utf-8")[:4000]
+    ids = tok(text)["input_ids"][: SEQ_LEN * SAMPLES]
+    batch = torch.tensor(ids).view(SAMPLES, SEQ_LEN)
+    with torch.no_grad():
+        logp = teacher(batch).logits.float().log_softmax(-1)
+    top = logp.topk(5, dim=-1)
+    out = tmp_path_factory.mktemp("heldout")
+    payloads = [
+        (
+            sample_key(i),
+            encode_sample(batch[i].numpy(), top.indices[i].numpy(), top.values[i].half().numpy(), len(tok)),
+        )
+        for i in range(SAMPLES)
+    ]
+    nbytes, sha = write_shard(out / shard_name(0), payloads)
+    entry = ShardEntry(
+        name=shard_name(0),
+        index=0,
+        samples=SAMPLES,
+        tokens=SAMPLES * SEQ_LEN,
+        bytes=nbytes,
+        sha256=sha,
+        first_sample=0,
+    )
+    from spellm_ds.fingerprint import tokenizer_hash
+
+    index = make_index(
+        teacher={"path": str(tiny_llama)},
+        tokenizer_hash=tokenizer_hash(tok),
+        vocab_size=len(tok),
+        eos_id=tok.eos_token_id,
+        seq_len=SEQ_LEN,
+        top_k=5,
+        samples_per_shard=SAMPLES,
+        build_args={},
+        entries=[entry],
+    )
+    write_json_atomic(out / "index.json", index)
+    return out, batch, top.indices
+
+
+@pytest.fixture(scope="module")
+def export_dir(tiny_llama, shards, tmp_path_factory):
+    tok = AutoTokenizer.from_pretrained(str(tiny_llama))
+    table = CharTable.build(tok, k=10, vocab_size=len(tok))
+    model = build_spellm_model(tiny_llama, k=10, num_chars=table.charset.size, trainable_layers=0).eval()
+    probe_heads(model, table, shards[1][: SAMPLES // 2])  # fit on half the samples: imperfect heads
+    out = tmp_path_factory.mktemp("eval_export") / "model"
+    save_export(model, table, out, base_model=tiny_llama, step=7)
+    return out
+
+
+def _reference_top5(model, batch, topk):
+    """Plain per-position exact-or-prefix against the top-5, from string rows (no lookup structure)."""
+    table = model.table
+    rows = {tuple(int(x) for x in table.token_chars[v]): int(v) for v in np.flatnonzero(table.decodable)}
+    with torch.no_grad():
+        logits = model(batch).char_logits
+    hits = []
+    for b in range(batch.shape[0]):
+        for t in range(batch.shape[1]):
+            chars = logits[b, t].argmax(-1).tolist()
+            s = chars[: chars.index(0)] if 0 in chars else chars
+            tok = rows.get(tuple(s + [0] * (table.k - len(s))), -1)
+            hit = False
+            for c in topk[b, t].tolist():
+                crow = table.token_chars[c].tolist()
+                if tok == c or (table.decodable[c] and s and crow[: len(s)] == s):
+                    hit = True
+            hits.append(hit)
+    return float(np.mean(hits))
+
+
+def test_eval_cli_end_to_end(export_dir, shards, tmp_path, capsys):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    loc, batch, topk = shards
+    jpath, tb = tmp_path / "eval.json", tmp_path / "tb"
+    args = ["eval", "--model", str(export_dir), "--shards", str(loc), "--json", str(jpath)]
+    rc = cli_main([*args, "--tb-dir", str(tb), "--calibrate", "--target", "0.95"])
+    assert rc == 0, capsys.readouterr().err
+    res = json.loads(jpath.read_text())
+    for key in JSON_KEYS:
+        assert key in res
+    assert res["positions"] == SAMPLES * SEQ_LEN and res["samples"] == SAMPLES
+    # The fallback is the teacher's own head on the same hidden state: it always agrees with top-1.
+    assert res["fallback_top1"] == 1.0 and res["target_reached"]
+    assert res["agreement_top1_with_fallback"] >= 0.95
+    model = SpeLLMForCausalLM.from_pretrained(export_dir)
+    assert model.threshold == pytest.approx(res["threshold"])  # --calibrate wrote it
+    assert res["exact_or_prefix_top5"] == pytest.approx(_reference_top5(model, batch, topk))
+    assert 0 < res["exact_top1"] < 1 and res["lookup_miss_rate"] > 0
+    assert res["exact_or_prefix_top5_autocorrect"] >= res["exact_or_prefix_top5"]
+    png = jpath.with_suffix(".png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    acc = EventAccumulator(str(tb))
+    acc.Reload()
+    scalars = acc.Tags()["scalars"]
+    for key in ("exact_top1", "exact_or_prefix_top5", "fallback_rate", "threshold"):
+        (ev,) = acc.Scalars(f"eval/{key}")
+        assert ev.value == pytest.approx(res[key], rel=1e-6) and ev.step == 7
+    curve = acc.Scalars("eval_threshold/agreement_top1")
+    assert len(curve) == len(res["curve"]["threshold"]) and "eval_threshold/fallback_rate" in scalars
+    out = capsys.readouterr().out
+    assert "exact_or_prefix_top5" in out and "written to" in out
+
+
+def test_eval_refuses_other_tokenizer(export_dir, shards, tmp_path):
+    loc = shards[0]
+    other = tmp_path / "other"
+    other.mkdir()
+    index = json.loads((loc / "index.json").read_text())
+    index["tokenizer_hash"] = "0" * 64
+    (other / "index.json").write_text(json.dumps(index))
+    with pytest.raises(SpellmError, match="not this model's data"):
+        evaluate(export_dir, other, progress=False)
