@@ -1,21 +1,24 @@
 """The teacher-shard format: one definition of a sample's bytes and of `index.json`.
 
-A dataset is a directory (or URL prefix) holding `index.json` and tar shards `shard-NNNNNN.tar`.
-Shard *i* holds global sequences ``[i*S, (i+1)*S)``; the sample key is the global sequence index as
-12 decimal digits. Each tar member is ``<key>.spl``: one zstd frame holding
+A dataset is a directory (or URL prefix) holding `index.json` and tar shards `shard-NNNNNN.tar`
+(plus one manifest `shard-NNNNNN.json` per shard while building). Shard *i* holds global sequences
+``[i*S, (i+1)*S)``; the sample key is the global sequence index as 12 decimal digits. Each tar member
+is ``<key>.spl``: one zstd frame (with its content checksum) holding, little endian,
 
-    header  (little endian, `_HEADER`): magic b"SPLM", format version, seq_len L, top_k K,
-            vocab_size V, id width in bytes (2 when V <= 65536, else 4), flags
-    body    input_ids      [L]     ids, byte-shuffled (all low bytes, then all high bytes)
-            topk_ids       [L, K]  ids, byte-shuffled
-            topk_logprobs  [L, K]  float16 log-softmax over the full vocabulary, byte-shuffled
-            loss_mask      [L]     bit-packed, present only when flag `HAS_MASK` is set
+    header  `_HEADER`: magic b"SPLM", format version, seq_len L, top_k K, vocab_size V,
+            id width W in bytes (2 when V <= 65536, else 4), flags
+    ids     input_ids [L] then topk_ids [L, K] (row major): L*(1+K) unsigned W-byte integers
+    logp    topk_logprobs [L, K]: float16 log-softmax over the full vocabulary
+    mask    loss_mask [L] bit-packed, present only when flag `HAS_MASK` is set (else all True)
 
-Position t's top-K are the teacher's predictions for token t+1 (the prediction after input t).
-Byte-shuffling puts the mostly-constant high bytes together, which zstd compresses well: a 32K
-vocabulary stores ~17-19 bytes per token against 34 for plain int32/int32/float16 arrays.
-Decoding never unpickles: arrays come from `np.frombuffer` on fixed offsets; every size, the
-version and the values' finiteness are checked, and errors name the shard and the sample key.
+Position t's top-K are the teacher's predictions for token t+1 (the prediction after input t), sorted
+by descending log-probability. Version 2 stores plain arrays: on teacher output they compressed as well
+as byte-plane (shuffled) layouts (~16-18 bytes per token for a 32K vocabulary against 34 for plain
+int32/int32/float16), and decoding is one decompression plus `np.frombuffer` views, one int32 widening
+and two vectorised checks, which keeps the reader close to the raw zstd rate. Decoding never unpickles;
+every size, the version, the id range and the log-probs' finiteness are checked, corrupt payloads fail
+zstd's checksum, and errors name the shard and the sample key. Tar files are read by a strict USTAR
+parser: regular files named `<key>.spl` only, header checksums verified, truncation detected.
 """
 
 from __future__ import annotations
@@ -25,8 +28,10 @@ import io
 import json
 import os
 import re
+import socket
 import struct
 import tarfile
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +43,7 @@ import zstandard
 from spellm_ds.errors import ShardError, SpellmError
 
 FORMAT_NAME = "spellm-ds-shards"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MAGIC = b"SPLM"
 MEMBER_SUFFIX = ".spl"
 INDEX_NAME = "index.json"
@@ -58,6 +63,11 @@ def shard_name(index: int) -> str:
     return f"shard-{index:06d}.tar"
 
 
+def manifest_name(index: int) -> str:
+    """Return the file name of global shard `index`'s manifest (written after the shard's rename)."""
+    return f"shard-{index:06d}.json"
+
+
 def sample_key(global_index: int) -> str:
     """Return the sample key of global sequence `global_index`."""
     return f"{global_index:0{KEY_DIGITS}d}"
@@ -74,17 +84,20 @@ def _id_bytes(vocab_size: int) -> int:
     return 2 if vocab_size <= 1 << 16 else 4
 
 
-def _shuffle(arr: np.ndarray) -> bytes:
-    flat = np.ascontiguousarray(arr).reshape(-1)
-    return flat.view(np.uint8).reshape(flat.size, flat.itemsize).T.tobytes()
+_ID_DTYPES = {2: np.dtype("<u2"), 4: np.dtype("<u4")}
+_U16 = np.dtype("<u2")
+_F16 = np.dtype("<f2")
+_ALL_TRUE: dict[int, np.ndarray] = {}
 
 
-def _unshuffle(buf: memoryview | bytes, offset: int, count: int, dtype: np.dtype) -> tuple[np.ndarray, int]:
-    nbytes = count * dtype.itemsize
-    raw = np.frombuffer(buf, dtype=np.uint8, count=nbytes, offset=offset)
-    out = np.empty(count, dtype=dtype)
-    out.view(np.uint8).reshape(count, dtype.itemsize)[:] = raw.reshape(dtype.itemsize, count).T
-    return out, offset + nbytes
+def _all_true(seq_len: int) -> np.ndarray:
+    """A shared read-only all-True mask (most samples have no padding)."""
+    mask = _ALL_TRUE.get(seq_len)
+    if mask is None:
+        mask = np.ones(seq_len, dtype=bool)
+        mask.flags.writeable = False
+        _ALL_TRUE[seq_len] = mask
+    return mask
 
 
 def encode_sample(
@@ -107,30 +120,37 @@ def encode_sample(
     top_k = topk_ids.shape[1]
     if topk_logprobs.shape != topk_ids.shape:
         raise SpellmError(f"topk_logprobs shape {topk_logprobs.shape} != topk_ids shape {topk_ids.shape}")
+    if not 0 < vocab_size < 1 << 31:
+        raise SpellmError(f"vocab_size {vocab_size} is outside [1, 2**31)")
     width = _id_bytes(vocab_size)
-    id_dtype = np.dtype("<u2" if width == 2 else "<u4")
     for name, ids in (("input_ids", input_ids), ("topk_ids", topk_ids)):
         if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
             raise SpellmError(f"{name} outside [0, {vocab_size})")
     flags = 0
-    parts = [b"", _shuffle(input_ids.astype(id_dtype)), _shuffle(topk_ids.astype(id_dtype))]
-    parts.append(_shuffle(topk_logprobs.astype("<f2")))
-    if loss_mask is not None and not bool(np.all(loss_mask)):
-        flags |= HAS_MASK
-        parts.append(np.packbits(np.asarray(loss_mask, dtype=bool)).tobytes())
+    id_dtype = _ID_DTYPES[width]
+    parts = [
+        b"",
+        input_ids.astype(id_dtype).tobytes(),
+        topk_ids.astype(id_dtype).tobytes(),
+        np.ascontiguousarray(topk_logprobs, dtype=_F16).tobytes(),
+    ]
+    if loss_mask is not None:
+        loss_mask = np.asarray(loss_mask, dtype=bool)
+        if loss_mask.shape != (seq_len,):
+            raise SpellmError(f"loss_mask must be [{seq_len}], got shape {loss_mask.shape}")
+        if not bool(loss_mask.all()):
+            flags |= HAS_MASK
+            parts.append(np.packbits(loss_mask).tobytes())
     parts[0] = _HEADER.pack(MAGIC, FORMAT_VERSION, seq_len, top_k, vocab_size, width, flags)
-    return zstandard.ZstdCompressor(level=level).compress(b"".join(parts))
+    cctx = zstandard.ZstdCompressor(level=level, write_checksum=True, write_content_size=True)
+    return cctx.compress(b"".join(parts))
 
 
 _DCTX = zstandard.ZstdDecompressor()
 
 
-def decode_sample(payload: bytes, where: str = "<memory>", check_values: bool = True) -> dict[str, Any]:
-    """Decode one payload into numpy arrays; `where` (shard and key) is named in every error."""
-    try:
-        raw = _DCTX.decompress(payload)
-    except zstandard.ZstdError as exc:
-        raise ShardError(f"{where}: not a valid zstd frame ({exc})") from None
+def read_header(raw: bytes, where: str = "<memory>") -> tuple[int, int, int, int, int]:
+    """Check a decompressed payload's header; return (seq_len, top_k, vocab_size, id_bytes, flags)."""
     if len(raw) < _HEADER.size:
         raise ShardError(f"{where}: payload of {len(raw)} bytes is shorter than the header")
     magic, version, seq_len, top_k, vocab_size, width, flags = _HEADER.unpack_from(raw, 0)
@@ -147,29 +167,42 @@ def decode_sample(payload: bytes, where: str = "<memory>", check_values: bool = 
     expected = _HEADER.size + width * (seq_len + n) + 2 * n + mask_bytes
     if len(raw) != expected:
         raise ShardError(f"{where}: payload is {len(raw)} bytes, header implies {expected}")
-    id_dtype = np.dtype("<u2" if width == 2 else "<u4")
+    return seq_len, top_k, vocab_size, width, flags
+
+
+def decode_sample(
+    payload: bytes | memoryview, where: str = "<memory>", check_values: bool = True
+) -> dict[str, Any]:
+    """Decode one payload into numpy arrays; `where` (shard and key) is named in every error."""
+    try:
+        raw = _DCTX.decompress(payload)
+    except zstandard.ZstdError as exc:
+        raise ShardError(f"{where}: not a valid zstd frame or checksum mismatch ({exc})") from None
+    seq_len, top_k, vocab_size, width, flags = read_header(raw, where)
+    n = seq_len * top_k
     off = _HEADER.size
-    input_ids, off = _unshuffle(raw, off, seq_len, id_dtype)
-    topk_ids, off = _unshuffle(raw, off, n, id_dtype)
-    topk_lp, off = _unshuffle(raw, off, n, np.dtype("<f2"))
-    if mask_bytes:
-        bits = np.frombuffer(raw, dtype=np.uint8, count=mask_bytes, offset=off)
-        loss_mask = np.unpackbits(bits, count=seq_len).astype(bool)
-    else:
-        loss_mask = np.ones(seq_len, dtype=bool)
-    topk_ids = topk_ids.reshape(seq_len, top_k)
-    topk_lp = topk_lp.reshape(seq_len, top_k)
+    ids = np.frombuffer(raw, dtype=_ID_DTYPES[width], count=seq_len + n, offset=off)
+    off += width * (seq_len + n)
+    lp_bits = np.frombuffer(raw, dtype=_U16, count=n, offset=off)
+    off += 2 * n
     if check_values:
-        if input_ids.size and input_ids.max() >= vocab_size:
-            raise ShardError(f"{where}: input_ids has id {int(input_ids.max())} >= vocab_size {vocab_size}")
-        if topk_ids.size and topk_ids.max() >= vocab_size:
-            raise ShardError(f"{where}: topk_ids has id {int(topk_ids.max())} >= vocab_size {vocab_size}")
-        if not np.isfinite(topk_lp).all():
+        # ids are unsigned on disk, so only the upper bound can fail.
+        if ids.size and int(ids.max()) >= vocab_size:
+            name = "input_ids" if int(ids[:seq_len].max()) >= vocab_size else "topk_ids"
+            raise ShardError(f"{where}: {name} has an id >= vocab_size {vocab_size}")
+        # float16 NaN/inf <=> all five exponent bits set; shifting out the sign bit leaves >= 0xF800.
+        if n and int((lp_bits << 1).max()) >= 0xF800:
             raise ShardError(f"{where}: topk_logprobs holds NaN or infinite values")
+    if flags & HAS_MASK:
+        bits = np.frombuffer(raw, dtype=np.uint8, count=(seq_len + 7) // 8, offset=off)
+        loss_mask = np.unpackbits(bits, count=seq_len).view(bool)
+    else:
+        loss_mask = _all_true(seq_len)
+    ids = ids.astype(np.int32)
     return {
-        "input_ids": input_ids.astype(np.int32),
-        "topk_ids": topk_ids.astype(np.int32),
-        "topk_logprobs": topk_lp,
+        "input_ids": ids[:seq_len],
+        "topk_ids": ids[seq_len:].reshape(seq_len, top_k),
+        "topk_logprobs": lp_bits.view(_F16).reshape(seq_len, top_k).copy(),
         "loss_mask": loss_mask,
         "vocab_size": vocab_size,
     }
@@ -183,47 +216,154 @@ def member_key(name: str, where: str) -> str:
     return m.group(1)
 
 
-def iter_tar_members(fileobj: Any, where: str) -> Iterator[tuple[str, bytes]]:
-    """Yield (key, payload) from a shard tar stream; rejects links, directories and foreign names."""
+_BLOCK = 512
+_ZERO_BLOCK = bytes(_BLOCK)
+
+
+_OCTAL_RE = re.compile(rb"^ *([0-7]+)[ \0]*$")
+
+
+def _octal(field: bytes, what: str, where: str) -> int:
+    m = _OCTAL_RE.match(field)
+    if not m:
+        raise ShardError(f"{where}: tar header field {what} {field!r} is not an octal number")
+    return int(m.group(1), 8)
+
+
+def _read_exact(fileobj: Any, size: int) -> bytes:
+    data = fileobj.read(size)
+    while len(data) < size:
+        more = fileobj.read(size - len(data))
+        if not more:
+            break
+        data += more
+    return data
+
+
+def _template_header() -> tuple[bytes, bytes, bytes, int]:
+    """The constant fields of the headers `write_shard` writes, and their checksum contribution."""
+    info = _member_info(sample_key(0), 0)
+    h = info.tobuf(format=tarfile.USTAR_FORMAT)
+    return h[100:124], h[136:148], h[156:512], sum(h[100:124]) + sum(h[136:148]) + sum(h[156:512]) + 256
+
+
+def _member_info(key: str, size: int) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(f"{key}{MEMBER_SUFFIX}")
+    info.size = size
+    info.mtime = 0
+    info.mode = 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    return info
+
+
+_NAME_LEN = KEY_DIGITS + len(MEMBER_SUFFIX)
+_NAME_PAD = bytes(100 - _NAME_LEN)
+_TPL_A, _TPL_B, _TPL_C, _TPL_SUM = _template_header()
+
+
+def _parse_header(header: bytes, where: str) -> tuple[str, int]:
+    """Check one 512-byte USTAR header of a shard member; return (sample key, payload size)."""
+    stored = _octal(header[148:156], "chksum", where)
+    if (
+        header[_NAME_LEN:100] == _NAME_PAD
+        and header[100:124] == _TPL_A
+        and header[136:148] == _TPL_B
+        and header[156:512] == _TPL_C
+    ):
+        # Fast path: a header exactly as `write_shard` writes it; only name and size vary.
+        checksum = _TPL_SUM + sum(header[:_NAME_LEN]) + sum(header[124:136])
+    else:
+        checksum = sum(header[:148]) + 256 + sum(header[156:])
+    if stored != checksum:
+        raise ShardError(f"{where}: tar header checksum mismatch (corrupt shard)")
+    name_b = header[:100].split(b"\0", 1)[0]
+    if header[257:262] == b"ustar":
+        prefix = header[345:500].split(b"\0", 1)[0]
+        if prefix:
+            name_b = prefix + b"/" + name_b
     try:
-        with tarfile.open(fileobj=fileobj, mode="r|") as tar:
-            for info in tar:
-                if not info.isreg():
-                    raise ShardError(f"{where}: tar member {info.name!r} is not a regular file")
-                key = member_key(info.name, where)
-                f = tar.extractfile(info)
-                data = f.read() if f is not None else b""
-                if len(data) != info.size:
-                    raise ShardError(f"{where}/{key}: truncated member ({len(data)} of {info.size} bytes)")
-                yield key, data
-    except tarfile.TarError as exc:
-        raise ShardError(f"{where}: broken tar ({exc})") from None
+        name = name_b.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ShardError(f"{where}: tar member name {name_b!r} is not UTF-8") from None
+    if header[156:157] not in (b"0", b"\0"):
+        raise ShardError(f"{where}: tar member {name!r} is not a regular file (type {header[156:157]!r})")
+    return member_key(name, where), _octal(header[124:136], "size", where)
+
+
+def iter_tar_members(fileobj: Any, where: str) -> Iterator[tuple[str, bytes]]:
+    """Yield (key, payload) from a shard tar stream; rejects links, directories, foreign names, truncation.
+
+    A strict reader for the plain USTAR files `write_shard` produces: header checksums are verified, only
+    regular files named `<12 digits>.spl` are accepted, and a stream that ends before the end-of-archive
+    marker is an error (so a truncated shard never passes as a shorter one).
+    """
+    while True:
+        header = _read_exact(fileobj, _BLOCK)
+        if len(header) < _BLOCK:
+            raise ShardError(f"{where}: truncated tar (no end-of-archive marker)")
+        if header == _ZERO_BLOCK:
+            return
+        key, size = _parse_header(header, where)
+        data = _read_exact(fileobj, size)
+        if len(data) != size:
+            raise ShardError(f"{where}/{key}: truncated member ({len(data)} of {size} bytes)")
+        pad = -size % _BLOCK
+        if pad and len(_read_exact(fileobj, pad)) != pad:
+            raise ShardError(f"{where}/{key}: truncated tar after member")
+        yield key, data
+
+
+def iter_tar_buffer(data: bytes | memoryview, where: str) -> Iterator[tuple[str, memoryview]]:
+    """Like `iter_tar_members` over a whole shard already in memory; payloads are zero-copy views."""
+    view = memoryview(data)
+    pos, end = 0, len(view)
+    while True:
+        if end - pos < _BLOCK:
+            raise ShardError(f"{where}: truncated tar (no end-of-archive marker)")
+        header = view[pos : pos + _BLOCK].tobytes()
+        if header == _ZERO_BLOCK:
+            return
+        key, size = _parse_header(header, where)
+        start = pos + _BLOCK
+        if start + size > end:
+            raise ShardError(f"{where}/{key}: truncated member ({end - start} of {size} bytes)")
+        pos = start + size + (-size % _BLOCK)
+        if pos > end:
+            raise ShardError(f"{where}/{key}: truncated tar after member")
+        yield key, view[start : start + size]
 
 
 def iter_shard(path: str | os.PathLike, check_values: bool = True) -> Iterator[dict[str, Any]]:
     """Yield every sample of one shard file as a dict with `__key__` and its numpy arrays."""
     where = str(path)
     with open(path, "rb") as fh:
-        for key, payload in iter_tar_members(fh, where):
-            sample = decode_sample(payload, f"{where}/{key}", check_values=check_values)
-            sample["__key__"] = key
-            yield sample
+        data = fh.read()
+    for key, payload in iter_tar_buffer(data, where):
+        sample = decode_sample(payload, f"{where}/{key}", check_values=check_values)
+        sample["__key__"] = key
+        yield sample
+
+
+def temp_path(path: str | os.PathLike) -> Path:
+    """Return a hidden temporary name next to `path`, unique across hosts and processes."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def is_temp_name(name: str) -> bool:
+    """True for the hidden temporary names `temp_path` makes (never part of a dataset)."""
+    return name.startswith(".") and ".tmp-" in name
 
 
 def write_shard(path: str | os.PathLike, samples: list[tuple[str, bytes]]) -> tuple[int, str]:
     """Write (key, payload) pairs as a deterministic tar via a temporary name; return (bytes, sha256)."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = temp_path(path)
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
         for key, payload in samples:
-            info = tarfile.TarInfo(f"{key}{MEMBER_SUFFIX}")
-            info.size = len(payload)
-            info.mtime = 0
-            info.mode = 0o644
-            info.uid = info.gid = 0
-            info.uname = info.gname = ""
-            tar.addfile(info, io.BytesIO(payload))
+            tar.addfile(_member_info(key, len(payload)), io.BytesIO(payload))
     data = buf.getvalue()
     with open(tmp, "wb") as fh:
         fh.write(data)
@@ -235,7 +375,7 @@ def write_shard(path: str | os.PathLike, samples: list[tuple[str, bytes]]) -> tu
 
 @dataclass(frozen=True)
 class ShardEntry:
-    """One shard's manifest entry."""
+    """One shard's manifest entry (`tokens` counts positions whose loss_mask is True)."""
 
     name: str
     index: int
@@ -249,11 +389,24 @@ class ShardEntry:
         """Return the JSON form."""
         return dict(self.__dict__)
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], where: str = "<manifest>") -> ShardEntry:
+        """Build an entry from its JSON form, naming `where` when a field is missing or mistyped."""
+        fields = {"name": str, "index": int, "samples": int, "tokens": int, "bytes": int, "sha256": str}
+        fields["first_sample"] = int
+        out = {}
+        for name, typ in fields.items():
+            value = d.get(name) if isinstance(d, dict) else None
+            if not isinstance(value, typ) or isinstance(value, bool):
+                raise ShardError(f"{where}: field {name!r} is missing or not {typ.__name__}")
+            out[name] = value
+        return cls(**out)
+
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     """Write JSON through a temporary file and rename, so readers never see a partial file."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = temp_path(path)
     with open(tmp, "w", encoding="utf-8") as fh:
         json.dump(obj, fh, indent=2, sort_keys=True)
         fh.write("\n")

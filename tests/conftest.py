@@ -21,6 +21,17 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _one_intra_op_thread():
+    """Tiny in-process tensors run fastest on one thread; child processes choose their own."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def free_port() -> int:
     """Return a TCP port that is free on localhost right now."""
     with socket.socket() as s:

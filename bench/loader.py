@@ -1,0 +1,294 @@
+"""Benchmark of the teacher-shard path: bytes on disk, reader throughput, build overhead.
+
+    .venv/bin/python bench/loader.py                  # CPU, about 2 min on 2 cores (first run: +1 min)
+    .venv/bin/python bench/loader.py --device cuda --dtype bfloat16 --hidden 2048 --layers 16 \
+        --seq-len 2048 --samples 256 --samples-per-shard 64 --batch-size 8
+
+Measured in one run, on shards built from a Llama-architecture teacher with a 32K byte-level BPE
+vocabulary on the Python docs corpus (tokenizer and teacher are built once and cached under --cache):
+
+- bytes on disk per token (tar + zstd, input ids included; target <= 24, plain int32/int32/fp16 = 34);
+- reader tokens/s in one process: `spellm_ds.shards.iter_shard` (file read, tar parse, decode, value
+  checks) and, when present, the streaming loader `spellm_ds.data.ShardLoader` (0 workers);
+- reader / raw zstd: the reader's rate over plain `zstd.decompress` of the same payload bytes already in
+  memory (target >= 0.70); rates are per CPU second of the reading thread, best of interleaved repeats;
+- build overhead: (teacher forward + top-k + encode + write) / (teacher forward alone), the forward alone
+  being the plain HF forward returning logits, over the same batches (target <= 1.05). On CPU both are
+  process CPU time (the writer thread included; other processes' load does not count), on GPU wall time.
+
+The teacher has random weights with its lm_head rescaled so logits have std `--logit-std` (top-1
+probabilities then spread over (0, 1) instead of a flat ~1/V, and the log-prob bytes compress like a
+real model's). Its lm_head is a far larger share of its compute than in real teachers, which makes
+the top-k overhead look larger than it is there. The last line is one JSON object with every figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from data_prep.build import ShardWriter, Teacher  # noqa: E402
+from data_prep.corpus import iter_documents, pack_sequences, tokenize_documents  # noqa: E402
+from data_prep.local_models import make_causal_lm, python_docs_files, train_tokenizer  # noqa: E402
+from data_prep.validate import dataset_stats  # noqa: E402
+from spellm_ds import shards  # noqa: E402
+
+
+def _teacher_dir(cache: Path, vocab: int, hidden: int, ffn: int, layers: int, logit_std: float) -> Path:
+    tok_dir = cache / f"tok-bl-{vocab}"
+    if not (tok_dir / "tokenizer.json").exists():
+        print(f"training a {vocab}-token byte-level BPE on the Python docs (once) ...", flush=True)
+        train_tokenizer(python_docs_files(), tok_dir, vocab, kind="byte_level")
+    model_dir = cache / f"llama-{vocab}-d{hidden}-f{ffn}-l{layers}-std{logit_std:g}"
+    if not (model_dir / "config.json").exists():
+        heads = max(4, hidden // 64)
+        make_causal_lm(
+            tok_dir,
+            model_dir,
+            hidden_size=hidden,
+            intermediate_size=ffn,
+            num_layers=layers,
+            num_heads=heads,
+            num_kv_heads=max(1, heads // 4),
+            max_positions=4096,
+        )
+        if logit_std > 0:
+            import torch
+            from transformers import AutoModelForCausalLM
+
+            model = AutoModelForCausalLM.from_pretrained(str(model_dir))
+            with torch.no_grad():
+                # The final norm gives unit-RMS states, so logits have std ~ weight std * sqrt(hidden).
+                head = model.get_output_embeddings().weight
+                head.mul_(logit_std / (float(head.std()) * hidden**0.5))
+            model.save_pretrained(str(model_dir), safe_serialization=True)
+    return model_dir
+
+
+def _sequences(model_dir: Path, seq_len: int, count: int) -> list:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    docs = iter_documents(python_docs_files())
+    out = []
+    for seq in pack_sequences(tokenize_documents(tok, docs), seq_len, tok.eos_token_id, tok.pad_token_id):
+        out.append(seq)
+        if len(out) == count:
+            break
+    return out
+
+
+def _clock(teacher: Teacher):
+    """CPU time of this process on CPU (robust to other load; counts the writer thread), wall time on GPU."""
+    return time.perf_counter if teacher.input_device.type == "cuda" else time.process_time
+
+
+def _time_forward(teacher: Teacher, seqs: list, batch: int) -> float:
+    import torch
+
+    ids = np.stack([s.input_ids for s in seqs])
+    clock = _clock(teacher)
+    t = clock()
+    for s in range(0, len(seqs), batch):
+        logits = teacher.forward_logits(ids[s : s + batch])
+        if logits.is_cuda:
+            torch.cuda.synchronize()
+        del logits
+    return clock() - t
+
+
+def _time_build(teacher: Teacher, seqs: list, out: Path, per_shard: int, batch: int) -> float:
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    writer = ShardWriter(out, teacher, batch_size=batch)
+    clock = _clock(teacher)
+    t = clock()
+    for shard in range(math.ceil(len(seqs) / per_shard)):
+        writer.build(shard, seqs[shard * per_shard : (shard + 1) * per_shard])
+    writer.close()
+    return clock() - t
+
+
+def _rate(fn, positions: int, min_seconds: float) -> float:
+    """Positions per CPU second of `fn()` in this thread, repeated for `min_seconds` (best repeat)."""
+    best = math.inf
+    spent = 0.0
+    while spent < min_seconds or best == math.inf:
+        t = time.thread_time()
+        fn()
+        dt = time.thread_time() - t
+        best = min(best, dt)
+        spent += dt
+    return positions / best
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark and print its figures (last line: one JSON object)."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cache", default=str(REPO / "runs" / "bench"), help="tokenizer/teacher/shard directory")
+    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument(
+        "--logit-std", type=float, default=4.0, help="teacher logit spread (0: plain random init)"
+    )
+    ap.add_argument("--seq-len", type=int, default=2048)
+    ap.add_argument("--samples", type=int, default=4, help="sequences built (tokens = samples x seq-len)")
+    ap.add_argument("--samples-per-shard", type=int, default=2)
+    ap.add_argument("--batch-size", type=int, default=1)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--repeats", type=int, default=2, help="interleaved forward/build passes; best is used")
+    ap.add_argument(
+        "--threads", type=int, default=1, help="torch CPU threads (1: stable on a shared machine)"
+    )
+    ap.add_argument("--intermediate", type=int, default=None, help="teacher FFN width (default 8/3 hidden)")
+    ap.add_argument("--read-seconds", type=float, default=2.0, help="minimum time per reader measurement")
+    args = ap.parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import torch
+
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+
+    cache = Path(args.cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    ffn = args.intermediate or args.hidden * 8 // 3
+    model_dir = _teacher_dir(cache, args.vocab, args.hidden, ffn, args.layers, args.logit_std)
+    seqs = _sequences(model_dir, args.seq_len, args.samples)
+    positions = len(seqs) * args.seq_len
+    teacher = Teacher(model_dir, dtype=args.dtype, device=args.device, top_k=5)
+    print(
+        f"teacher {model_dir.name}: vocab {teacher.vocab_size}, head path {teacher.head_mode}, "
+        f"{len(seqs)} x {args.seq_len} tokens, batch {args.batch_size}, device {args.device}",
+        flush=True,
+    )
+    out = cache / "shards"
+    teacher.topk(np.stack([seqs[0].input_ids]))  # warm-up (allocator, kernels)
+    fwd, build = math.inf, math.inf
+    for _ in range(args.repeats):
+        fwd = min(fwd, _time_forward(teacher, seqs, args.batch_size))
+        build = min(build, _time_build(teacher, seqs, out, args.samples_per_shard, args.batch_size))
+    overhead = build / fwd
+
+    index_files = sorted(out.glob("shard-*.tar"))
+    nbytes = sum(p.stat().st_size for p in index_files)
+    tokens = sum(s.length for s in seqs)
+    payloads = []
+    for p in index_files:
+        with open(p, "rb") as fh:
+            payloads.extend(data for _, data in shards.iter_tar_members(fh, str(p)))
+
+    import zstandard
+
+    dctx = zstandard.ZstdDecompressor()
+
+    def raw_zstd() -> None:
+        for data in payloads:
+            dctx.decompress(data)
+
+    def reader() -> None:
+        for p in index_files:
+            for _ in shards.iter_shard(p):
+                pass
+
+    def reader_unchecked() -> None:
+        for p in index_files:
+            for _ in shards.iter_shard(p, check_values=False):
+                pass
+
+    # Interleaved, best of each: a burst of load from other processes cannot favour one side.
+    zstd_rate = reader_rate = unchecked_rate = 0.0
+    for _ in range(3):
+        zstd_rate = max(zstd_rate, _rate(raw_zstd, positions, args.read_seconds / 3))
+        reader_rate = max(reader_rate, _rate(reader, positions, args.read_seconds / 3))
+        unchecked_rate = max(unchecked_rate, _rate(reader_unchecked, positions, args.read_seconds / 3))
+    loader_rate = None
+    try:
+        from spellm_ds.data import LoaderConfig, ShardLoader
+    except ImportError:
+        ShardLoader = None  # noqa: N806
+    _write_index(out, teacher, args)
+    stats = dataset_stats(out)
+    if ShardLoader is not None:
+
+        def loader() -> None:
+            cfg = LoaderConfig(
+                location=str(out), batch_size=args.samples_per_shard, num_workers=0, partial=True
+            )
+            for _ in ShardLoader(cfg, rank=0, world_size=1).iter_epoch():
+                pass
+
+        loader_rate = _rate(loader, positions, args.read_seconds)
+
+    figures = {
+        "bytes_per_token": round(nbytes / tokens, 3),
+        "plain_bytes_per_token": 4 + 5 * 4 + 5 * 2,
+        "shards": len(index_files),
+        "shard_bytes": nbytes,
+        "tokens": tokens,
+        "reader_tokens_per_s": round(reader_rate),
+        "loader_tokens_per_s": round(loader_rate) if loader_rate else None,
+        "zstd_tokens_per_s": round(zstd_rate),
+        "reader_vs_zstd": round(reader_rate / zstd_rate, 3),
+        "reader_unchecked_vs_zstd": round(unchecked_rate / zstd_rate, 3),
+        "teacher_top1_prob_mean": stats["top1_prob"]["mean"],
+        "teacher_top1_prob_quantiles": stats["top1_prob"]["quantiles"],
+        "teacher_forward_s": round(fwd, 3),
+        "build_s": round(build, 3),
+        "build_overhead": round(overhead, 4),
+        "teacher_tokens_per_s": round(positions / fwd),
+        "device": args.device,
+        "vocab_size": teacher.vocab_size,
+        "seq_len": args.seq_len,
+    }
+    print(f"shards: {len(index_files)} files, {nbytes:,} bytes for {tokens:,} tokens")
+    print(f"bytes on disk per token : {figures['bytes_per_token']:.2f}   (target <= 24; plain layout 34)")
+    print(f"reader (iter_shard)     : {reader_rate:,.0f} tokens/s per process")
+    if loader_rate:
+        print(f"reader (ShardLoader)    : {loader_rate:,.0f} tokens/s per process (0 workers)")
+    print(f"raw zstd decompression  : {zstd_rate:,.0f} tokens/s")
+    print(f"reader / raw zstd       : {reader_rate / zstd_rate:.2f}   (target >= 0.70)")
+    print(f"  without value checks  : {unchecked_rate / zstd_rate:.2f}")
+    q = stats["top1_prob"]["quantiles"]
+    t1 = stats["top1_prob"]["mean"]
+    print(f"teacher top-1 prob      : mean {t1}, p10 {q['p10']}, p50 {q['p50']}, p90 {q['p90']}")
+    print(f"teacher forward alone   : {fwd:.2f} s ({positions / fwd:,.0f} tokens/s)")
+    print(f"forward+top-5+write     : {build:.2f} s")
+    print(f"build overhead          : {overhead:.3f}x (target <= 1.05)")
+    print(json.dumps(figures))
+    return 0
+
+
+def _write_index(out: Path, teacher: Teacher, args: argparse.Namespace) -> None:
+    entries = []
+    for p in sorted(out.glob("shard-*.json")):
+        entries.append(shards.ShardEntry.from_dict(json.loads(p.read_text()), str(p)))
+    index = shards.make_index(
+        teacher={"path": "bench", "name": "bench", "config_hash": "", "weights_hash": ""},
+        tokenizer_hash="bench",
+        vocab_size=teacher.vocab_size,
+        eos_id=0,
+        seq_len=args.seq_len,
+        top_k=5,
+        samples_per_shard=args.samples_per_shard,
+        build_args={},
+        entries=entries,
+    )
+    shards.write_json_atomic(out / shards.INDEX_NAME, index)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
