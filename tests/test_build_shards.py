@@ -87,17 +87,6 @@ def _env() -> dict[str, str]:
     return env
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """In-process builds use one torch thread too (see `_env`); restored afterwards."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def inputs(docs_files) -> list[str]:
     return [str(p) for p in docs_files[:8]]

@@ -30,15 +30,6 @@ from tests.export_helpers import TRAINABLE_LAYERS, K, make_zero3_checkpoint
 pytestmark = pytest.mark.dist
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster than two on a shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def checkpoint(tiny_llama, tmp_path_factory):
     return make_zero3_checkpoint(tiny_llama, tmp_path_factory.mktemp("zero3") / "ck", free_port(), nproc=2)

@@ -34,15 +34,6 @@ from tests.export_helpers import probe_heads
 PROMPTS = ["The module", "In Python, a list is a", "Return"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster than two on a shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def table(tiny_llama) -> CharTable:
     tok = AutoTokenizer.from_pretrained(str(tiny_llama))
