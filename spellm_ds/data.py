@@ -11,10 +11,17 @@ Pipeline (one per DataLoader worker; webdataset stages):
   (``pipe:curl -sf https://host/ds``, ``pipe:s5cmd cat s3://bucket/ds``, ``pipe:gsutil cat gs://b/ds``).
 - Workers send batches at the stored widths as numpy arrays; the main process widens them to the
   contract's tensors (`to_torch`): Long ids, float32 log-probs, bool mask, Long ``sample_index``.
-- Epoch plan: the global shard list is permuted by (seed, epoch); shards with unconsumed samples are
-  assigned to ranks greedily, largest remaining count first, each to the least loaded rank, then the
-  same way to the rank's worker slots. Every rank computes the whole plan from the same state, so no
-  communication is needed and the assignment is identical everywhere.
+- Epoch plan (`plan_epoch`): the global shard list is permuted by (seed, epoch); shards with unconsumed
+  samples are assigned to ranks greedily, largest remaining count first, each to the least loaded rank.
+  If the ranks' remaining counts then differ by more than one, the ranks' shards are concatenated and
+  cut into counts that differ by at most one: a cut splits one shard into contiguous ranges of its
+  remaining samples (in index order), each rank keeping only its range. The same is done per rank for
+  its worker slots, with cuts at multiples of the batch size, unless whole shards already lose no full
+  batch. Every rank computes the whole plan from the same state, so no communication is needed and the
+  assignment is identical everywhere.
+- Cost of a split: every holder of a piece reads (and decompresses the tar stream of) the whole shard and
+  drops the samples outside its range, so an epoch reads at most ``world_size - 1`` extra shards for the
+  rank cuts plus at most ``num_workers - 1`` per rank for the slot cuts; balanced shards cause none.
 - Exactly once: a global bitmap of consumed sample indices. The consuming process marks what it was
   given (automatically as batches are yielded, or by `mark_consumed`). Before saving, a trainer ORs
   the bitmaps of all ranks (`all_gather_state`, or `merge_states` on gathered states). After
@@ -26,8 +33,9 @@ Pipeline (one per DataLoader worker; webdataset stages):
   batches after a resume are therefore the ones an uninterrupted run would have produced.
 - Epoch end (training, ``partial=False``): each worker yields only full batches of exactly B; every rank
   takes the same number of steps, the minimum over ranks of its full batches, so data-parallel ranks
-  stay in step. The rest of the epoch (each worker's last partial batch and the surplus of fuller
-  ranks) is dropped for that epoch, like ``drop_last``; the next epoch starts from a fresh bitmap and a
+  stay in step. The rest of the epoch (each rank's last partial batch and the surplus of a rank with
+  one more sample, fewer than ``world_size * B`` samples in all) is dropped for that epoch, like
+  ``drop_last``; the next epoch starts from a fresh bitmap and a
   new permutation. With ``partial=True`` (evaluation) a pass yields every remaining sample, last
   batches possibly smaller, and with ``equal_steps`` ranks with fewer batches pad with filler batches.
 - Filler batch: ``sample_index == -1`` and ``loss_mask`` all False (``input_ids`` = EOS). It appears only
@@ -39,9 +47,11 @@ Pipeline (one per DataLoader worker; webdataset stages):
 
 State (`ShardLoader.state_dict`, JSON-safe): ``format``, ``version``, ``dataset`` (fingerprint, samples),
 ``seed``, ``epoch``, ``consumed`` (bitmap over global sample indices: ``np.packbits`` → zlib → base64),
-``plan`` (``world_size``, ``num_workers`` and the ``base`` bitmap the epoch's shard assignment was
-computed from; ``None`` = epoch start), ``cursor`` (next worker slot per rank; ``None`` for ranks not
-merged in yet), ``ranks`` (ranks whose consumption is merged in), ``corrupt_skipped``, ``corrupt_base``.
+``plan`` (``world_size``, ``num_workers``, ``batch_size`` and the ``base`` bitmap the epoch's assignment
+was computed from; ``None`` = epoch start; another world size, worker count or batch size re-plans the
+rest from the consumed bitmap, as does a version-1 state, whose plan used whole shards only),
+``cursor`` (next worker slot per rank; ``None`` for ranks not merged in yet), ``ranks`` (ranks whose
+consumption is merged in), ``corrupt_skipped``, ``corrupt_base``.
 """
 
 from __future__ import annotations
@@ -67,7 +77,7 @@ from spellm_ds.errors import ShardError, SpellmError
 from spellm_ds.shards import decode_sample, iter_tar_members, key_to_index, read_index
 
 STATE_FORMAT = "spellm-ds-loader-state"
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: plans split shards between ranks and slots; 1 (whole shards) is re-planned
 FILLER_INDEX = -1
 
 
@@ -169,22 +179,107 @@ def shard_order(num_shards: int, seed: int, epoch: int, shuffle: bool = True) ->
     return [int(i) for i in np.random.default_rng([seed, epoch]).permutation(num_shards)]
 
 
+Piece = tuple[int, int, int]  # (shard position, skip, take) over the shard's remaining samples
+
+
+def _cut(groups: list[list[Piece]], targets: list[int]) -> list[list[Piece]]:
+    """Concatenate the groups' pieces and cut the sequence into consecutive bins of `targets` samples.
+
+    Each cut falls inside at most one piece, so ``len(targets) - 1`` cuts add at most that many pieces.
+    """
+    out: list[list[Piece]] = [[] for _ in targets]
+    last = len(targets) - 1
+    b, room = 0, targets[0]
+    for s, skip, take in (p for g in groups for p in g):
+        while take > 0:
+            while room <= 0 and b < last:
+                b += 1
+                room = targets[b]
+            n = take if b == last else min(take, room)
+            out[b].append((s, skip, n))
+            skip, take, room = skip + n, take - n, room - n
+    return out
+
+
+def _split_slots(pieces: list[Piece], num_slots: int, batch_size: int) -> list[list[Piece]]:
+    """Share one rank's pieces among its worker slots so they hold ``total // batch_size`` full batches."""
+    grouped = _greedy([(i, p[2]) for i, p in enumerate(pieces)], num_slots)
+    groups = [[pieces[i] for i in g] for g in grouped]
+    total = sum(p[2] for p in pieces)
+    batches = total // batch_size
+    if sum(sum(p[2] for p in g) // batch_size for g in groups) == batches:
+        return groups  # whole pieces already lose no batch: no extra read
+    targets = [(batches // num_slots + (j < batches % num_slots)) * batch_size for j in range(num_slots)]
+    targets[-1] += total - sum(targets)
+    return _cut(groups, targets)
+
+
 def plan_epoch(
-    remaining: Sequence[int], *, seed: int, epoch: int, world_size: int, num_slots: int, shuffle: bool = True
-) -> list[list[list[int]]]:
-    """Return plan[rank][slot] = shard positions, balancing remaining samples over ranks, then slots."""
+    remaining: Sequence[int],
+    *,
+    seed: int,
+    epoch: int,
+    world_size: int,
+    num_slots: int,
+    batch_size: int = 1,
+    shuffle: bool = True,
+) -> list[list[list[Piece]]]:
+    """Return plan[rank][slot] = pieces ``(shard, skip, take)``: the rank reads samples skip..skip+take-1
+    (in index order) of the shard's remaining ones.
+
+    Whole shards go greedily to ranks; if their remaining counts then differ by more than one, the
+    concatenation of the ranks' shards is cut into counts differing by at most one, which splits at most
+    ``world_size - 1`` shards between neighbouring ranks. Within a rank the same happens per worker slot
+    with cuts at multiples of `batch_size`, so a rank of n samples holds ``n // batch_size`` full batches.
+    """
     order = shard_order(len(remaining), seed, epoch, shuffle)
     live = [(s, int(remaining[s])) for s in order if remaining[s] > 0]
-    plan = []
-    for rank_shards in _greedy(live, world_size):
-        mine = [(s, int(remaining[s])) for s in rank_shards]
-        plan.append(_greedy(mine, num_slots))
-    return plan
+    groups = [[(s, 0, int(remaining[s])) for s in g] for g in _greedy(live, world_size)]
+    loads = [sum(p[2] for p in g) for g in groups]
+    if max(loads) - min(loads) > 1:
+        total = sum(loads)
+        groups = _cut(groups, [total // world_size + (r < total % world_size) for r in range(world_size)])
+    return [_split_slots(g, num_slots, batch_size) for g in groups]
 
 
-def slot_counts(plan: list[list[list[int]]], remaining: Sequence[int]) -> list[list[int]]:
-    """Return the number of unconsumed samples in every (rank, slot) of a plan."""
-    return [[sum(int(remaining[s]) for s in slot) for slot in rank] for rank in plan]
+def piece_ranges(
+    plan: list[list[list[Piece]]], shards: Sequence[tuple[int, int]], base: np.ndarray
+) -> list[list[list[tuple[int, int, int]]]]:
+    """Turn a plan's pieces into ``(shard, lo, hi)``: global sample indices lo..hi-1 of the shard.
+
+    A piece's range spans its ``take`` samples unconsumed in `base` plus the consumed ones between them;
+    a whole shard's pieces cover its whole index range, so the ranges of a shard never overlap.
+    """
+    free: dict[int, np.ndarray] = {}
+
+    def unconsumed(s: int) -> np.ndarray:
+        if s not in free:
+            first, count = shards[s]
+            free[s] = first + np.flatnonzero(~base[first : first + count])
+        return free[s]
+
+    out = []
+    for rank in plan:
+        slots = []
+        for slot in rank:
+            ranges = []
+            for s, skip, take in slot:
+                first, count = shards[s]
+                u = unconsumed(s) if skip > 0 or take < count else None
+                lo = first if skip == 0 else int(u[skip])
+                hi = first + count if u is None or skip + take >= len(u) else int(u[skip + take])
+                ranges.append((s, lo, hi))
+            slots.append(ranges)
+        out.append(slots)
+    return out
+
+
+def slot_counts(plan: list[list[list[tuple[int, int, int]]]], bits: np.ndarray) -> list[list[int]]:
+    """Return the number of samples not set in `bits` in every (rank, slot) of a range plan."""
+    csum = np.concatenate([[0], np.cumsum(bits, dtype=np.int64)])
+    return [
+        [sum((hi - lo) - int(csum[hi] - csum[lo]) for _, lo, hi in slot) for slot in rank] for rank in plan
+    ]
 
 
 def epoch_steps(counts: list[list[int]], batch_size: int, partial: bool, equal_steps: bool, rank: int) -> int:
@@ -208,6 +303,17 @@ class _Shard:
     url: str
     first: int
     count: int
+
+
+@dataclass(frozen=True)
+class _Piece:
+    """A worker's share of a shard: the whole shard is read, samples lo..hi-1 are kept."""
+
+    url: str
+    first: int
+    count: int
+    lo: int
+    hi: int
 
 
 def _collate(samples: list[dict[str, Any]]) -> dict[str, np.ndarray]:
@@ -244,7 +350,7 @@ class ShardDataset(IterableDataset):
     def __init__(
         self,
         *,
-        slots: list[list[_Shard]],
+        slots: list[list[_Piece]],
         cursor: int,
         consumed: np.ndarray,
         batch_size: int,
@@ -296,15 +402,16 @@ class ShardDataset(IterableDataset):
         if self.shuffle:
             rng = random.Random(self.seeds[slot])
             stages.append(wds.shuffle(self.shuffle_buffer, self.shuffle_buffer, rng=rng))
-        stages.append(wds.select(lambda item: not consumed[item[1]]))
+        # After the shuffle: a worker's stream of survivors then matches the uninterrupted run's.
+        stages.append(wds.select(lambda item: item[4] <= item[1] < item[5] and not consumed[item[1]]))
         stages.append(self._decode_stage(skipped))
         stages.append(wds.batched(self.batch_size, collation_fn=_collate, partial=self.partial))
         return wds.DataPipeline(*stages)
 
-    def _raw_stage(self, skipped: list[int]) -> Callable[[Iterator[_Shard]], Iterator[tuple]]:
+    def _raw_stage(self, skipped: list[int]) -> Callable[[Iterator[_Piece]], Iterator[tuple]]:
         consumed, skip = self.consumed, self.skip_corrupt
 
-        def raw(shards: Iterator[_Shard]) -> Iterator[tuple[str, int, bytes, str]]:
+        def raw(shards: Iterator[_Piece]) -> Iterator[tuple[str, int, bytes, str, int, int]]:
             for shard in shards:
                 seen: set[int] = set()
                 fh = None
@@ -319,7 +426,7 @@ class ShardDataset(IterableDataset):
                                 f"[{shard.first}, {shard.first + shard.count}) of index.json"
                             )
                         seen.add(index)
-                        yield shard.url, index, payload, key
+                        yield shard.url, index, payload, key, shard.lo, shard.hi
                     fh, handle = None, fh
                     handle.close()  # a pipe reports its command's exit status here
                     if len(seen) != shard.count:
@@ -330,7 +437,7 @@ class ShardDataset(IterableDataset):
                     msg = str(exc) if isinstance(exc, ShardError) else f"{shard.url}: cannot read ({exc})"
                     if not skip:
                         raise ShardError(msg) from None
-                    lost = np.arange(shard.first, shard.first + shard.count)
+                    lost = np.arange(shard.lo, shard.hi)  # only this piece: other pieces report theirs
                     skipped.extend(int(i) for i in lost[~consumed[lost]] if int(i) not in seen)
                 finally:
                     if fh is not None:  # stopped early or failed: close quietly
@@ -343,8 +450,8 @@ class ShardDataset(IterableDataset):
         skip = self.skip_corrupt
         seq_len, top_k, vocab = self.seq_len, self.top_k, self.vocab_size
 
-        def decode(items: Iterator[tuple[str, int, bytes, str]]) -> Iterator[dict[str, Any]]:
-            for url, index, payload, key in items:
+        def decode(items: Iterator[tuple[str, int, bytes, str, int, int]]) -> Iterator[dict[str, Any]]:
+            for url, index, payload, key, _, _ in items:
                 where = f"{url}/{key}"
                 try:
                     sample = decode_sample(payload, where)
@@ -370,6 +477,10 @@ class ShardDataset(IterableDataset):
 
 # ---------------------------------------------------------------------------------------------------
 # Main-process side
+
+
+def _shard_fields(shard: _Shard) -> tuple[str, int, int]:
+    return shard.url, shard.first, shard.count
 
 
 def _dataset_fingerprint(index: dict[str, Any]) -> str:
@@ -412,7 +523,7 @@ class ShardLoader:
         self.epoch = 0
         self.consumed = np.zeros(self.num_samples, dtype=bool)
         self._base: np.ndarray | None = None
-        self._plan_world = (self.world_size, self.num_slots)
+        self._plan_world = (self.world_size, self.num_slots, self.config.batch_size)
         self._cursors: list[int | None] = [None] * self.world_size
         self._cursors[self.rank] = 0
         self._corrupt_base = 0
@@ -461,24 +572,28 @@ class ShardLoader:
         count = np.array([s.count for s in self._shards], dtype=np.int64)
         return count - (csum[first + count] - csum[first])
 
-    def _plan(self) -> list[list[list[int]]]:
+    def _build_plan(self, base: np.ndarray, epoch: int) -> list[list[list[tuple[int, int, int]]]]:
+        plan = plan_epoch(
+            self._remaining(base),
+            seed=self.seed,
+            epoch=epoch,
+            world_size=self.world_size,
+            num_slots=self.num_slots,
+            batch_size=self.config.batch_size,
+            shuffle=self.config.shuffle,
+        )
+        return piece_ranges(plan, [(sh.first, sh.count) for sh in self._shards], base)
+
+    def _plan(self) -> list[list[list[tuple[int, int, int]]]]:
         key = (self.seed, self.epoch, self._plan_world, self._plan_gen)
         if self._plan_cache is None or self._plan_cache[0] != key:
             base = self._base if self._base is not None else np.zeros(self.num_samples, dtype=bool)
-            plan = plan_epoch(
-                self._remaining(base),
-                seed=self.seed,
-                epoch=self.epoch,
-                world_size=self.world_size,
-                num_slots=self.num_slots,
-                shuffle=self.config.shuffle,
-            )
-            self._plan_cache = (key, plan)
+            self._plan_cache = (key, self._build_plan(base, self.epoch))
         return self._plan_cache[1]
 
     def remaining_steps(self) -> int:
         """Batches this rank yields in the rest of the current epoch (equal on all ranks in training)."""
-        counts = slot_counts(self._plan(), self._remaining(self.consumed))
+        counts = slot_counts(self._plan(), self.consumed)
         cfg = self.config
         return epoch_steps(counts, cfg.batch_size, cfg.partial, cfg.equal_steps, self.rank)
 
@@ -486,19 +601,9 @@ class ShardLoader:
         """Batches per rank in a whole fresh epoch (default: the next one) at this world size."""
         epoch = self.epoch + 1 if epoch is None else epoch
         fresh = np.zeros(self.num_samples, dtype=bool)
-        remaining = self._remaining(fresh)
-        plan = plan_epoch(
-            remaining,
-            seed=self.seed,
-            epoch=epoch,
-            world_size=self.world_size,
-            num_slots=self.num_slots,
-            shuffle=self.config.shuffle,
-        )
         cfg = self.config
-        return epoch_steps(
-            slot_counts(plan, remaining), cfg.batch_size, cfg.partial, cfg.equal_steps, self.rank
-        )
+        counts = slot_counts(self._build_plan(fresh, epoch), fresh)
+        return epoch_steps(counts, cfg.batch_size, cfg.partial, cfg.equal_steps, self.rank)
 
     def start_epoch(self, epoch: int) -> None:
         """Begin `epoch` afresh: empty bitmap, new permutation, plan for the current world size."""
@@ -506,7 +611,7 @@ class ShardLoader:
         self.consumed = np.zeros(self.num_samples, dtype=bool)
         self._base = None
         self._plan_gen += 1
-        self._plan_world = (self.world_size, self.num_slots)
+        self._plan_world = (self.world_size, self.num_slots, self.config.batch_size)
         self._cursors = [None] * self.world_size
         self._cursors[self.rank] = 0
 
@@ -522,11 +627,11 @@ class ShardLoader:
             "sample_index": torch.full((b,), FILLER_INDEX, dtype=torch.int64),
         }
 
-    def _make_dataset(self, plan: list[list[list[int]]]) -> ShardDataset:
+    def _make_dataset(self, plan: list[list[list[tuple[int, int, int]]]]) -> ShardDataset:
         cfg = self.config
         mine = plan[self.rank]
         return ShardDataset(
-            slots=[[self._shards[s] for s in slot] for slot in mine],
+            slots=[[_Piece(*_shard_fields(self._shards[s]), lo, hi) for s, lo, hi in slot] for slot in mine],
             cursor=self._cursors[self.rank] or 0,
             consumed=self.consumed.copy(),
             batch_size=cfg.batch_size,
@@ -609,6 +714,7 @@ class ShardLoader:
             "plan": {
                 "world_size": self._plan_world[0],
                 "num_workers": self._plan_world[1],
+                "batch_size": self._plan_world[2],
                 "base": None if self._base is None else pack_bitmap(self._base),
             },
             "cursor": list(self._cursors),
@@ -635,14 +741,16 @@ class ShardLoader:
         self.seed = int(state["seed"])
         self.epoch = int(state["epoch"])
         self.consumed = unpack_bitmap(state["consumed"], self.num_samples)
-        same = (plan["world_size"], plan["num_workers"]) == (self.world_size, self.num_slots)
+        saved = (plan["world_size"], plan["num_workers"], plan.get("batch_size"))
+        # A version-1 state was planned by whole shards only: re-plan its rest like another world size.
+        same = state["version"] == STATE_VERSION and saved == self._plan_world
         if same:
             self._base = None if plan["base"] is None else unpack_bitmap(plan["base"], self.num_samples)
             self._cursors = [int(c) for c in state["cursor"]]
         else:
             self._base = self.consumed.copy()
             self._cursors = [0] * self.world_size
-        self._plan_world = (self.world_size, self.num_slots)
+        self._plan_world = (self.world_size, self.num_slots, self.config.batch_size)
         self._plan_gen += 1
         self._corrupt_base = int(state["corrupt_skipped"])
         self._corrupt_new = 0
@@ -653,8 +761,8 @@ def _check_state(state: dict[str, Any]) -> None:
         raise SpellmError(
             f"not a loader state (format {state.get('format') if isinstance(state, dict) else None!r})"
         )
-    if state.get("version") != STATE_VERSION:
-        raise SpellmError(f"loader state version {state.get('version')} is not {STATE_VERSION}")
+    if state.get("version") not in (1, STATE_VERSION):
+        raise SpellmError(f"loader state version {state.get('version')} is not 1 or {STATE_VERSION}")
 
 
 def merge_states(states: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -664,7 +772,7 @@ def merge_states(states: Sequence[dict[str, Any]]) -> dict[str, Any]:
     for s in states:
         _check_state(s)
     first = states[0]
-    for field in ("dataset", "seed", "epoch", "plan", "corrupt_base"):
+    for field in ("version", "dataset", "seed", "epoch", "plan", "corrupt_base"):
         values = {json.dumps(s[field], sort_keys=True) for s in states}
         if len(values) != 1:
             raise SpellmError(f"loader states disagree on {field!r}; they come from different runs or epochs")

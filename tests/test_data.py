@@ -1,6 +1,7 @@
 """Streaming reader (spellm_ds/data.py): exactly once, resume, corrupt data, URLs, tokenizer checks.
 
-Datasets are tiny synthetic shard sets written with spellm_ds.shards (6 shards x 5 samples, L=8).
+Datasets are tiny synthetic shard sets written with spellm_ds.shards (6 shards x 5 samples, L=8;
+unequal shards of 16/16/16/5 samples for the sample-level balance).
 Expected sets and step counts are hand counts or plain set arithmetic, never the loader's own plan.
 Multi-process tests run the real launcher (torchrun, 2 ranks x 2 DataLoader workers, gloo) on
 tests/data_worker.py. Run alone: `.venv/bin/python -m pytest tests/test_data.py -q`
@@ -48,15 +49,22 @@ TOTAL = SHARDS * PER
 TOK = "tok-hash-a"
 
 
-def build_dataset(out: Path, payloads: dict[int, bytes] | None = None) -> dict[int, dict[str, np.ndarray]]:
-    """Write SHARDS x PER random samples (payload overrides by global index) and return the arrays."""
+def build_dataset(
+    out: Path, payloads: dict[int, bytes] | None = None, sizes: list[int] | None = None
+) -> dict[int, dict[str, np.ndarray]]:
+    """Write shards of `sizes` (default SHARDS x PER) random samples and return the arrays.
+
+    `payloads` overrides payloads by global index.
+    """
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(1234)
     arrays: dict[int, dict[str, np.ndarray]] = {}
     entries = []
-    for i in range(SHARDS):
+    sizes = sizes or [PER] * SHARDS
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    for i, (first, size) in enumerate(zip(starts, sizes, strict=True)):
         members = []
-        for g in range(i * PER, (i + 1) * PER):
+        for g in range(first, first + size):
             a = {
                 "input_ids": rng.integers(0, V, L).astype(np.int32),
                 "topk_ids": rng.integers(0, V, (L, K)).astype(np.int32),
@@ -66,16 +74,16 @@ def build_dataset(out: Path, payloads: dict[int, bytes] | None = None) -> dict[i
             arrays[g] = a
             payload = encode_sample(a["input_ids"], a["topk_ids"], a["topk_logprobs"], V, a["loss_mask"])
             members.append((sample_key(g), (payloads or {}).get(g, payload)))
-        size, sha = write_shard(out / shard_name(i), members)
+        nbytes, sha = write_shard(out / shard_name(i), members)
         entries.append(
             ShardEntry(
                 name=shard_name(i),
                 index=i,
-                samples=PER,
-                tokens=PER * L,
-                bytes=size,
+                samples=size,
+                tokens=size * L,
+                bytes=nbytes,
                 sha256=sha,
-                first_sample=i * PER,
+                first_sample=first,
             )
         )
     index = make_index(
@@ -85,7 +93,7 @@ def build_dataset(out: Path, payloads: dict[int, bytes] | None = None) -> dict[i
         eos_id=0,
         seq_len=L,
         top_k=K,
-        samples_per_shard=PER,
+        samples_per_shard=max(sizes),
         build_args={},
         entries=entries,
     )
@@ -180,15 +188,118 @@ def test_exactly_once_simulated_ranks_and_training_tail(dataset):
 def test_epochs_reshuffle_and_cover_everything_again(dataset):
     location, _ = dataset
     ld = loader(location)
-    steps = take(ld, 28)  # two epochs of 14 steps (workers: 3 shards each, 15 samples, 7 full batches)
-    assert [e for e, _ in steps] == [0] * 14 + [1] * 14
+    # Two epochs of 15 steps, hand count: whole shards would give the workers 15 + 15 samples, only
+    # 7 + 7 full batches, so the slots are cut at a batch multiple, 16 + 14 samples: 8 + 7 batches.
+    steps = take(ld, 30)
+    assert [e for e, _ in steps] == [0] * 15 + [1] * 15
     ep0 = [i for e, b in steps if e == 0 for i in b]
     ep1 = [i for e, b in steps if e == 1 for i in b]
-    assert len(set(ep0)) == len(ep0) == 28 and len(set(ep1)) == len(ep1) == 28
+    assert sorted(ep0) == sorted(ep1) == list(range(TOTAL))  # nothing dropped
     assert ep0 != ep1
-    again = take(loader(location), 28)
+    again = take(loader(location), 30)
     assert again == steps  # deterministic for a seed
-    assert take(loader(location, seed=7), 14) != steps[:14]
+    assert take(loader(location, seed=7), 15) != steps[:15]
+
+
+UNEQUAL = [16, 16, 16, 5]  # 53 samples
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_unequal_shards_are_shared_at_sample_level(tmp_path, workers):
+    location = tmp_path / "ds"
+    build_dataset(location, sizes=UNEQUAL)
+    total = sum(UNEQUAL)
+    # Whole shards would give the ranks 32 and 21 samples, 10 common steps, 40 samples an epoch.
+    # Split at sample level, hand count: ranks of 27 and 26 samples, each 13 full batches of 2
+    # (the worker slots are cut at batch multiples), so 52 of 53 samples are consumed.
+    train = [indices(loader(location, r, 2, num_workers=workers).iter_epoch()) for r in range(2)]
+    assert [len(t) for t in train] == [13, 13]
+    seen = flat(train[0]) + flat(train[1])
+    assert len(seen) == len(set(seen)) == 52
+    assert total - len(seen) < 2 * workers * 2
+    assert all(len(b) == 2 for t in train for b in t)
+    # Evaluation pass: everything once, ranks' sample counts differ by at most one.
+    evals = [
+        flat(indices(loader(location, r, 2, num_workers=workers, partial=True).iter_epoch()))
+        for r in range(2)
+    ]
+    assert sorted(evals[0] + evals[1]) == list(range(total))
+    assert sorted(len(e) for e in evals) == [26, 27]
+
+
+@pytest.mark.parametrize("stop", [4, 11])
+def test_unequal_shards_resume_same_world_size_in_the_same_order(tmp_path, stop):
+    location = tmp_path / "ds"
+    build_dataset(location, sizes=UNEQUAL)
+    steps = 16  # 13 steps per epoch (see above): the resumed ranks cross into epoch 1
+    uninterrupted = [take(loader(location, r, 2), steps) for r in range(2)]
+    first = [loader(location, r, 2) for r in range(2)]
+    before = [take(f, stop) for f in first]
+    state = json.loads(json.dumps(merge_states([f.state_dict() for f in first])))
+    resumed = [loader(location, r, 2) for r in range(2)]
+    for r in resumed:
+        r.load_state_dict(state)
+    after = [take(r, steps - stop) for r in resumed]
+    for r in range(2):
+        assert before[r] + after[r] == uninterrupted[r], f"rank {r}"
+
+
+def test_unequal_shards_resume_at_other_world_sizes(tmp_path):
+    location = tmp_path / "ds"
+    build_dataset(location, sizes=UNEQUAL)
+    total = sum(UNEQUAL)
+    two = [loader(location, r, 2) for r in range(2)]
+    before = [i for t in two for _, b in take(t, 5) for i in b]
+    state = merge_states([t.state_dict() for t in two])
+    # 2 -> 3 ranks, training: the rest of epoch 0 is consumed once, less than 3 x 2 x 2 dropped.
+    three = [loader(location, r, 3) for r in range(3)]
+    for t in three:
+        t.load_state_dict(state)
+    # Hand count: 53 - 20 = 33 samples remain, 11 per rank, 5 full batches of 2 each.
+    assert [t.remaining_steps() for t in three] == [5, 5, 5]
+    rest = [flat(indices(t.iter_epoch())) for t in three]
+    assert [len(r) for r in rest] == [10, 10, 10]
+    seen = before + rest[0] + rest[1] + rest[2]
+    assert len(seen) == len(set(seen)) and total - len(seen) < 3 * 2 * 2
+    # 2 -> 1 rank, evaluation: no repeat, no gap.
+    one = loader(location, partial=True)
+    one.load_state_dict(state)
+    assert sorted(before + flat(indices(one.iter_epoch()))) == list(range(total))
+
+
+def test_split_shard_corruption_is_counted_once(tmp_path):
+    location = tmp_path / "ds"
+    build_dataset(location, sizes=UNEQUAL)
+    for i in range(len(UNEQUAL)):  # keep the first 2 members of every shard, cut inside the third
+        shard = location / shard_name(i)
+        shard.write_bytes(shard.read_bytes()[: 2 * 1024 + 512 + 50])
+    ranks = [loader(location, r, 2, partial=True, skip_corrupt=True) for r in range(2)]
+    seen = [i for r in ranks for i in flat(indices(r.iter_epoch()))]
+    kept = {f + j for f in (0, 16, 32, 48) for j in (0, 1)}
+    assert sorted(seen) == sorted(kept)  # each kept sample once, though a shard is read by both ranks
+    assert sum(r.corrupt_skipped for r in ranks) == sum(UNEQUAL) - len(kept)
+    state = merge_states([r.state_dict() for r in ranks])
+    assert state["corrupt_skipped"] == sum(UNEQUAL) - len(kept)
+    again = loader(location, partial=True, skip_corrupt=True)
+    again.load_state_dict(state)
+    assert list(again.iter_epoch()) == []
+
+
+def test_old_state_version_is_replanned(dataset):
+    location, _ = dataset
+    two = [loader(location, r, 2) for r in range(2)]
+    before = [i for t in two for _, b in take(t, 3) for i in b]
+    state = merge_states([t.state_dict() for t in two])
+    state["version"] = 1
+    del state["plan"]["batch_size"]
+    resumed = [loader(location, r, 2, partial=True) for r in range(2)]
+    for r in resumed:
+        r.load_state_dict(state)
+    rest = [i for r in resumed for i in flat(indices(r.iter_epoch()))]
+    assert sorted(before + rest) == list(range(TOTAL))
+    state["version"] = 0
+    with pytest.raises(SpellmError, match="version 0"):
+        loader(location).load_state_dict(state)
 
 
 @pytest.mark.dist
@@ -399,7 +510,7 @@ def test_tokenizer_mismatch_is_refused(dataset):
     with pytest.raises(SpellmError, match="top_k 5 differs"):
         loader(location, tokenizer_hash=TOK, top_k=10)
     ok = loader(location, tokenizer_hash=TOK, seq_len=L, top_k=K)
-    assert ok.remaining_steps() == ok.steps_per_epoch() == 14  # 2 slots x (15 // 2)
+    assert ok.remaining_steps() == ok.steps_per_epoch() == 15  # slots of 16 + 14 samples: 30 // 2
 
 
 def test_config_and_empty_epoch_errors(dataset):
