@@ -16,3 +16,8 @@ format: setup
 
 test: lint
 	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+# The whole pipeline on a real small teacher (see examples/demo.py); DEMO_ARGS passes options through.
+DEMO_ARGS ?=
+demo: setup
+	$(PY) -m examples.demo $(DEMO_ARGS)

@@ -1,0 +1,200 @@
+"""Distillation fidelity on the demo teacher's held-out shards: what N and the selection rule buy.
+
+    .venv/bin/python bench/fidelity.py                   # small budget (~2 min on an idle 2-core machine
+                                                         # once the demo teacher is cached)
+    .venv/bin/python bench/fidelity.py --budget demo     # the demo's budget: 150 steps x 4,096 tokens each
+    .venv/bin/python bench/fidelity.py --steps 1200 --curve 4   # any budget, metrics at 4 points on the way
+
+Three students distilled from the same teacher on the same shards, through the real pipeline (the
+`spellm-ds` CLI: 2-rank ZeRO-3 `train` under torchrun, `export`, `eval --calibrate`):
+
+- `N0`: char heads only, every FFN frozen, the paper's lowest-char-loss selection;
+- `N5-lowest`: heads + the MLPs of the last 5 layers, the paper's rule;
+- `N5-prior`: the same with the teacher-prior rule (char loss − τ·teacher log-prob).
+
+Columns (fractions of held-out positions; definitions in spellm_ds/evaluate.py): exact-or-prefix match
+against the teacher's top-5 without and with AutoCorrect (paper: 94.89% / 97.57%), exact match with the
+teacher's top-1 without fallback (the char path alone, with AutoCorrect), the fallback path's own top-1
+accuracy (original lm_head on the student's hidden state), the calibrated entropy threshold, the fallback
+rate it costs and the top-1 agreement reached with it (target 99%). With `--curve K` each variant also
+reports the metrics at K checkpoints against training tokens, so the budget that reaches the targets can
+be read off. The demo teacher (data_prep/demo_teacher.py) is trained first if it is not cached. The
+last line is one JSON object with every figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from examples.demo import (  # noqa: E402
+    DemoConfig,
+    eval_stage,
+    export_stage,
+    shards_stages,
+    teacher_stage,
+    train_stage,
+)
+from examples.pipeline import StageRunner  # noqa: E402
+from spellm_ds.errors import SpellmError  # noqa: E402
+
+VARIANTS = {
+    "N0": ["model.trainable_layers=0", "loss.selection=lowest"],
+    "N5-lowest": ["model.trainable_layers=5", "loss.selection=lowest"],
+    "N5-prior": ["model.trainable_layers=5", "loss.selection=teacher_prior"],
+}
+# budget: (optimizer steps per variant, held-out sequences scored)
+BUDGETS = {"small": (12, 32), "demo": (150, 256), "large": (1200, 256)}
+BATCH = 16  # sequences per optimizer step (configs/demo_cpu.yaml: micro 8 x 2 ranks)
+COLUMNS = (
+    ("exact_or_prefix_top5", "EoP top5"),
+    ("exact_or_prefix_top5_autocorrect", "+AC"),
+    ("agreement_top1_no_fallback", "top1 no fb"),
+    ("fallback_top1", "fb path"),
+    ("threshold", "thresh"),
+    ("fallback_rate", "fb rate"),
+    ("agreement_top1_with_fallback", "top1 w/ fb"),
+)
+
+
+def run_variant(
+    runner: StageRunner, cfg: DemoConfig, name: str, teacher: Path, shards: dict[str, Path], curve: int
+) -> dict[str, Any]:
+    """Train, export and evaluate one variant; with `curve` > 1 also evaluate intermediate checkpoints."""
+    steps = int(next(o.split("=", 1)[1] for o in cfg.overrides if o.startswith("max_steps=")))
+    points = sorted({max(1, round(steps * (i + 1) / curve)) for i in range(curve)}) if curve > 1 else [steps]
+    interval = points[0] if curve > 1 else steps
+    root = Path(cfg.out) / "fidelity" / name
+    t0 = time.perf_counter()
+    run_dir = train_stage(
+        runner,
+        cfg,
+        teacher,
+        shards,
+        name=f"{name}-train",
+        run_dir=root / "train",
+        overrides=[*VARIANTS[name], f"checkpoint.interval={interval}", "checkpoint.keep_latest_k=0"],
+    )
+    train_seconds = runner.results[f"{name}-train"].seconds
+    curve_rows = []
+    for step in points:
+        tag = f"step_{step:08d}"
+        export = export_stage(
+            runner,
+            cfg,
+            run_dir,
+            name=f"{name}-export-{step}",
+            train_stage=f"{name}-train",
+            export=root / f"export-{step}",
+            tag=tag,
+        )
+        metrics = eval_stage(
+            runner,
+            cfg,
+            export,
+            shards["heldout"],
+            name=f"{name}-eval-{step}",
+            export_stage=f"{name}-export-{step}",
+            out=root / f"eval-{step}",
+            max_samples=cfg.heldout_samples,
+        )
+        curve_rows.append({"step": step, "tokens": step * BATCH * cfg.seq_len, **_pick(metrics)})
+    return {
+        "variant": name,
+        "overrides": VARIANTS[name],
+        **_pick(metrics),
+        "train_seconds": train_seconds,
+        "seconds": time.perf_counter() - t0,
+        "curve": curve_rows if curve > 1 else [],
+    }
+
+
+def _pick(metrics: dict[str, Any]) -> dict[str, Any]:
+    keys = [k for k, _ in COLUMNS] + ["exact_top1", "exact_top5", "target_reached", "positions"]
+    return {k: metrics.get(k) for k in keys}
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """Return the comparison table (one row per variant, then each variant's curve if any)."""
+    head = f"{'variant':<11}" + "".join(f"{label:>11}" for _, label in COLUMNS) + f"{'train s':>9}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        cells = "".join(f"{_fmt(r.get(k)):>11}" for k, _ in COLUMNS)
+        lines.append(f"{r['variant']:<11}{cells}{r['train_seconds']:>9.0f}")
+    for r in rows:
+        for c in r["curve"]:
+            cells = "".join(f"{_fmt(c.get(k)):>11}" for k, _ in COLUMNS)
+            lines.append(f"{r['variant'] + ' @' + format(c['tokens'] / 1e6, '.2f') + 'M':<11}{cells}")
+    return "\n".join(lines)
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.4f}" if isinstance(v, int | float) and not isinstance(v, bool) else "-"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the three variants and print the table and a final JSON line."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--budget", choices=sorted(BUDGETS), default="small")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps per variant (overrides --budget)")
+    p.add_argument("--heldout-samples", type=int, default=None, help="held-out sequences scored")
+    p.add_argument("--curve", type=int, default=1, help="evaluate this many checkpoints per variant")
+    p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
+    p.add_argument("--out", default="runs/demo", help="root shared with the demo (teacher and shards)")
+    p.add_argument("--teacher-arg", action="append", default=[], help="extra data_prep.demo_teacher flag")
+    p.add_argument("--quiet", action="store_true", help="stage output to the logs only")
+    args = p.parse_args(argv)
+    steps, held = BUDGETS[args.budget]
+    steps = args.steps or steps
+    held = args.heldout_samples or held
+    tag = "" if (steps, held) == BUDGETS["demo"] else f"-{steps}x{held}"  # the demo budget shares its shards
+    base = DemoConfig()
+    cfg = replace(
+        base,
+        out=args.out,
+        teacher_args=args.teacher_arg,
+        train_samples=max(base.samples_per_shard, steps * BATCH),
+        heldout_samples=held,
+        shards_tag=tag,
+        overrides=[f"max_steps={steps}", "eval.interval=0", f"schedule.warmup_steps={min(20, steps // 5)}"],
+        echo=not args.quiet,
+    )
+    runner = StageRunner(cfg.out, echo=cfg.echo)
+    t0 = time.perf_counter()
+    try:
+        teacher, info, train_in, held_in = teacher_stage(runner, cfg, Path(cfg.out))
+        shards = shards_stages(runner, cfg, teacher, info, train_in, held_in)
+        rows = [run_variant(runner, cfg, name, teacher, shards, args.curve) for name in args.variants]
+    except SpellmError as exc:
+        print(f"fidelity: error: {exc}", file=sys.stderr)
+        return 2
+    print()
+    print(
+        f"fidelity: teacher {teacher} (held-out ppl {info.get('heldout_ppl', float('nan')):.1f}); "
+        f"{steps} steps x {BATCH * cfg.seq_len} tokens = {steps * BATCH * cfg.seq_len / 1e6:.2f}M tokens per "
+        f"variant; {held} held-out sequences"
+    )
+    print(format_table(rows))
+    result = {
+        "bench": "fidelity",
+        "teacher": {k: info.get(k) for k in ("path", "heldout_ppl", "params")},
+        "steps": steps,
+        "tokens_per_variant": steps * BATCH * cfg.seq_len,
+        "heldout_samples": held,
+        "variants": rows,
+        "seconds": time.perf_counter() - t0,
+    }
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
