@@ -474,7 +474,7 @@ def _build(cls: type, data: Any, prefix: str, problems: list[str]) -> tuple[Any,
         try:
             return cls(**values), True
         except ConfigError:
-            pass  # reported just below, from the partial object
+            ok = False  # the problems are collected just below, from the partial object
     partial = object.__new__(cls)
     for name, value in values.items():
         object.__setattr__(partial, name, value)
