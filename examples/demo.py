@@ -318,15 +318,16 @@ def eval_stage(
     return json.loads(result.read_text(encoding="utf-8"))
 
 
-def heldout_prompts(heldout_jsonl: Path | None, count: int, words: int = 10) -> list[str]:
-    """Pick `count` prose openings (the first `words` words of a paragraph) from held-out documents."""
+def heldout_prompts(heldout_jsonl: Path | None, count: int, words: int = 12) -> list[str]:
+    """Pick `count` held-out prose openings: a paragraph's first `words` words, line breaks kept."""
     prompts: list[str] = []
     if heldout_jsonl is not None and heldout_jsonl.is_file():
         for line in heldout_jsonl.open(encoding="utf-8"):
             for para in json.loads(line)["text"].split("\n\n"):
-                text = " ".join(para.split())
-                if len(text) > 120 and text[0].isupper() and not set(text) & set("`*:=<>|_"):
-                    prompts.append(" ".join(text.split()[:words]))
+                flat = " ".join(para.split())
+                if len(flat) > 120 and flat[0].isupper() and not set(flat) & set("`*:=<>|_"):
+                    kept = re.match(rf"\s*((?:\S+\s+){{{words - 1}}}\S+)", para)
+                    prompts.append(kept.group(1) if kept else flat)
                     break
             if len(prompts) >= count:
                 return prompts
@@ -402,7 +403,10 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     shards = shards_stages(runner, cfg, teacher, teacher_info, train_in, held_in)
     run_dir = train_stage(runner, cfg, teacher, shards)
     export = export_stage(runner, cfg, run_dir)
-    metrics = eval_stage(runner, cfg, export, shards["heldout"], tb_dir=run_dir / "tensorboard")
+    # A run of its own inside the training logdir: the trainer writes eval/* at the same step.
+    metrics = eval_stage(
+        runner, cfg, export, shards["heldout"], tb_dir=run_dir / "tensorboard" / "export-eval"
+    )
     held_jsonl = Path(held_in[0]) if len(held_in) == 1 and held_in[0].endswith(".jsonl") else None
     prompts = heldout_prompts(held_jsonl, cfg.prompts)
     student = generate_stage(runner, cfg, export, prompts)
