@@ -49,7 +49,7 @@ class DemoTeacherConfig:
     num_kv_heads: int = 2  # grouped-query attention, as in Llama 3
     seq_len: int = 256  # training context; also the model's max_position_embeddings
     batch_size: int = 8  # sequences per step
-    steps: int = 600  # fixed step count (not wall time), so the result does not depend on load
+    steps: int = 400  # fixed step count (not wall time), so the result does not depend on load
     lr: float = 2e-3  # peak AdamW learning rate
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     warmup_steps: int = 30
