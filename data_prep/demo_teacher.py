@@ -42,9 +42,9 @@ class DemoTeacherConfig:
     """Corpus split, tokenizer, architecture and optimisation of the demo teacher."""
 
     vocab_size: int = 8192  # byte-level BPE vocabulary, trained on the training documents only
-    hidden_size: int = 256
+    hidden_size: int = 192  # 256 reached the same held-out ppl at this token budget, 1.6x slower
     num_layers: int = 6  # N=5 trainable MLPs (the paper's default) must fit below the top layer
-    intermediate_size: int = 688
+    intermediate_size: int = 512
     num_heads: int = 4
     num_kv_heads: int = 2  # grouped-query attention, as in Llama 3
     seq_len: int = 256  # training context; also the model's max_position_embeddings

@@ -72,6 +72,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -292,6 +293,10 @@ def _setup(cfg: TrainConfig, pre: Preflight, info: Any, resume: Path | None) -> 
     from spellm_ds.charset import CharTable, TokenLookup
     from spellm_ds.dist import device_and_backend, export_torch_env
 
+    # ZeRO-3 calls torch's renamed collectives on every step, and torch warns at every call.
+    warnings.filterwarnings(
+        "ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning
+    )
     device_name, backend = device_and_backend(info)
     device = torch.device(device_name)
     if device.type == "cuda":
