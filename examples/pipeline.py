@@ -135,6 +135,7 @@ def run_streaming(cmd: list[str], log_path: Path, env: dict[str, str], echo: boo
         try:
             while chunk := proc.stdout.read1(1 << 16):
                 log.write(chunk)
+                log.flush()  # the log is the only progress view with echo off
                 if echo:
                     sys.stdout.buffer.write(chunk)
                     sys.stdout.flush()
