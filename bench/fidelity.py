@@ -1,7 +1,9 @@
 """Distillation fidelity on the demo teacher's held-out shards: what N and the selection rule buy.
 
-    .venv/bin/python bench/fidelity.py                   # small budget (~2 min on an idle 2-core machine
-                                                         # once the demo teacher is cached)
+    .venv/bin/python bench/fidelity.py                   # small budget, 12 steps: a smoke run whose
+                                                         # figures mean little; 4.5 min on 2 idle cores
+                                                         # once the demo teacher is cached (three 2-rank
+                                                         # trainings with ~40 s of start-up each)
     .venv/bin/python bench/fidelity.py --budget demo     # the demo's budget: 150 steps x 4,096 tokens each
     .venv/bin/python bench/fidelity.py --steps 1200 --curve 4   # any budget, metrics at 4 points on the way
 
