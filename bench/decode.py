@@ -15,7 +15,7 @@ like a byte-level BPE's), spelled by the real `CharTable`; hidden states are bui
 chosen tokens (hit), strings that are no token (autocorrect) or nothing clearly (fallback). Repetitions
 of all variants alternate so they see the same machine load; medians are reported.
 
-Part 2 (`--full-model`), the issue's end-to-end figure: a Llama-3.2-1B-shaped model (hidden 2048, 16
+Part 2 (`--full-model`), the end-to-end figure: a Llama-3.2-1B-shaped model (hidden 2048, 16
 layers, 32 heads, 8 KV heads, FFN 8192, vocab 128,256, tied embeddings) built from config, batch 1 with
 a KV cache: time per generated token of SpeLLM (fallback off) vs the base model's greedy decode, same
 prompt, alternating runs, plus the ceiling implied by the parameter count (all parameters vs all but the

@@ -14,9 +14,10 @@
    how glibc returns freed pages to the OS (RSS does: it over-reports reused heap and under-reports
    short spikes).
 
-Defaults are the issue's shapes: d=4096, V=128256, k=10, |C|=105, 1024 tokens. One full-vocab step is
-3.2 TFLOP (about 75 s at the ~42 GFLOP/s two idle cores give; 138 s on busy ones) and the two regularizer
-runs cost about as much again, so the default run takes 3-4 minutes on two idle cores (7 on busy ones);
+Defaults are the target shapes, a Llama-3-8B-sized head: d=4096, V=128256, k=10, |C|=105, 1024 tokens.
+One full-vocab step is 3.2 TFLOP (about 75 s at the ~42 GFLOP/s two idle cores give; 138 s on busy ones)
+and the two regularizer runs cost about as much again, so the default run takes 3-4 minutes on two idle
+cores (7 on busy ones);
 `--tokens 256` takes about a quarter (the speed ratio hardly depends on tokens; the memory ratio is less
 favourable with fewer tokens), `--full-reps 3` gives a steadier median. The last stdout line is one JSON
 object.

@@ -224,6 +224,13 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run_generate)
 
 
+def _default_device(device: str | None) -> str:
+    """Return `device`, or cuda when one is present and cpu otherwise."""
+    import torch
+
+    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def _run_generate(args: argparse.Namespace) -> int:
     import json
 
@@ -231,7 +238,7 @@ def _run_generate(args: argparse.Namespace) -> int:
 
     from spellm_ds.inference import SpeLLMForCausalLM
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = _default_device(args.device)
     model = SpeLLMForCausalLM.from_pretrained(
         args.model, base_model=args.base_model, device=device, trust_remote_code=args.trust_remote_code
     )
@@ -286,8 +293,6 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_eval(args: argparse.Namespace) -> int:
-    import torch
-
     from spellm_ds.evaluate import JSON_KEYS, evaluate
 
     res = evaluate(
@@ -300,7 +305,7 @@ def _run_eval(args: argparse.Namespace) -> int:
         target=args.target,
         batch_size=args.batch_size,
         max_samples=args.max_samples,
-        device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
+        device=_default_device(args.device),
         base_model=args.base_model,
         trust_remote_code=args.trust_remote_code,
     )
