@@ -273,9 +273,10 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "eval",
         help="intrinsic metrics of a SpeLLM export on held-out shards; threshold calibration",
-        description="Exact/prefix match against the teacher's top-1/top-5 with and without AutoCorrect, "
-        "per-head char accuracy, accuracy by token length and entropy, the fallback threshold that reaches "
-        "a target top-1 agreement, the fallback path's accuracy, AUROC of entropy as an error predictor.",
+        description="Exact and exact-or-truncation-prefix match against the teacher's top-1/top-5 with and "
+        "without AutoCorrect, char accuracy per head and by token length, accuracy by entropy, the fallback "
+        "threshold that reaches a target top-1 agreement, the fallback path's accuracy, AUROC of entropy as "
+        "an error predictor.",
     )
     p.add_argument("--model", required=True, metavar="DIR", help="export directory")
     p.add_argument("--shards", required=True, metavar="DIR", help="held-out teacher-shard directory")
@@ -310,9 +311,7 @@ def _run_eval(args: argparse.Namespace) -> int:
         trust_remote_code=args.trust_remote_code,
     )
     print(f"positions {res['positions']} ({res['samples']} samples)")
-    for key in JSON_KEYS:
-        print(f"  {key:<34} {res[key]:.4f}")
-    for key in ("exact_top1_autocorrect", "fallback_top1", "auroc_entropy_error_top1"):
+    for key in (*JSON_KEYS, "exact_top1_autocorrect", "fallback_top1", "auroc_entropy_error_top1"):
         val = res[key]
         print(f"  {key:<34} {'n/a' if val is None else f'{val:.4f}'}")
     reached = "reached" if res["target_reached"] else "NOT reached"

@@ -7,12 +7,17 @@ teacher's top-5 for token t+1 (index 0 is the teacher's top-1; shards store them
   (`TokenLookup.lookup`); no token when the string is none. With AutoCorrect: the decoded token, or the
   AutoCorrect token (best decodable token under the heads' log-probs) where the string is no token.
 - `exact_top1` / `exact_top5`: the decoded token is the teacher's top-1 / one of its top-5.
-- prefix match: the predicted string is non-empty and a prefix of a candidate's END-padded row (an empty
-  string would prefix everything and counts as a miss); `exact_or_prefix_top5` = exact or prefix against
-  any of the top-5. Candidates are the decodable ones (the tokens the heads can produce; the loss labels).
+- `exact_or_prefix_top5` (the headline, strict): exact, or a truncation prefix of one of the top-5: the
+  predicted string has all k characters and equals the first k characters of a candidate spelled longer
+  than k (the only prefix k heads can be asked for; such a candidate counts even when another token with the
+  same first k characters shadows it in the lookup). `exact_or_prefix_top1` is the same against the top-1.
+- `any_prefix_top5` (lenient, reported under this name only): a strict match, or the predicted string up
+  to its first `<end>` is non-empty and starts a decodable candidate's string. One common character (" ")
+  starts most candidates, so it rewards short guesses; an empty string never matches.
   The `_autocorrect` variants use the AutoCorrect token's own row as the predicted string.
 - `char_acc_per_head[i]`: head i's argmax symbol equals symbol i of the teacher top-1's row (positions
-  whose top-1 is decodable).
+  whose top-1 is decodable); `char_acc` is their mean: the heads' agreement with the teacher top-1's k
+  symbols, independent of token boundaries.
 - fallback path: the original lm_head's argmax on the student's final hidden state;
   `fallback_top1` = its agreement with the teacher's top-1 over all positions.
 - mean head entropy H (nats) per position. At threshold τ a position uses the char path with
@@ -23,8 +28,9 @@ teacher's top-5 for token t+1 (index 0 is the teacher's top-1; shards store them
 - `auroc_entropy_error_top1`: AUROC of H as a score for "the char path with AutoCorrect disagrees with
   teacher top-1" (ties count one half; the Mann-Whitney statistic); `..._top5` likewise for "not exact or
   prefix of any top-5".
-- `by_length`: by the spelled length of the teacher's top-1 (1..k, `>k` truncated, `unk` unspellable);
-  `by_entropy`: by bins of H; each with count, share and the two headline accuracies (with AutoCorrect).
+- `by_length`: by the spelled length of the teacher's top-1 (1..k, `>k` truncated, `unk` unspellable),
+  with count, share, `exact_top1` and `exact_or_prefix_top5` (with AutoCorrect) and `char_acc`;
+  `by_entropy`: by bins of H, with count, share and the two token-level figures.
 
 Outputs: the metrics dict (and `--json`), a PNG of agreement and fallback rate against τ, TensorBoard
 scalars under `eval/` and the τ curve under `eval_threshold/` (step = τ in milli-nats), and with
@@ -45,6 +51,7 @@ import torch
 from torch import Tensor
 
 from spellm_ds.errors import SpellmError
+from spellm_ds.losses import string_matches
 
 DEFAULT_ENTROPY_BINS = (0.0, 0.01, 0.02, 0.05, 0.1, 0.22, 0.5, 1.0, 2.0, math.inf)
 JSON_KEYS = (
@@ -52,6 +59,8 @@ JSON_KEYS = (
     "exact_top5",
     "exact_or_prefix_top5",
     "exact_or_prefix_top5_autocorrect",
+    "char_acc",
+    "any_prefix_top5",
     "threshold",
     "fallback_rate",
     "agreement_top1_with_fallback",
@@ -62,40 +71,34 @@ JSON_KEYS = (
 # Pure functions on tensors / arrays
 
 
-def string_matches(pred: Tensor, cand: Tensor, end_id: int = 0) -> tuple[Tensor, Tensor]:
-    """Exact and non-empty-prefix match of END-padded char rows `pred [..., k]` against `cand [..., k]`."""
-    k = pred.shape[-1]
-    is_end = pred == end_id
-    plen = torch.where(is_end.any(-1), is_end.long().argmax(-1), torch.full_like(pred[..., 0], k))
-    before = torch.arange(k, device=pred.device) < plen[..., None]
-    same = pred == cand
-    exact = same.all(-1)
-    prefix = (same | ~before).all(-1) & (plen > 0)
-    return exact, prefix
-
-
 def match_flags(
     pred_tokens: Tensor,
     pred_chars: Tensor,
     topk_ids: Tensor,
     token_chars: Tensor,
     decodable: Tensor,
+    long_tokens: Tensor,
     end_id: int = 0,
 ) -> dict[str, Tensor]:
-    """Per-position exact/prefix flags of predicted tokens `[N]` (-1: none) and strings `[N, k]` vs top-K."""
+    """Per-position match flags of predicted tokens `[N]` (-1: none) and strings `[N, k]` vs the top-K.
+
+    `long_tokens` Bool[V]: spelled longer than k with known symbols (their row is their first k chars).
+    """
     v = token_chars.shape[0]
     inside = (topk_ids >= 0) & (topk_ids < v)
     safe = topk_ids.clamp(0, v - 1)
     eligible = inside & decodable[safe]  # [N, K]
     cand = token_chars[safe]  # [N, K, k]
-    _, prefix = string_matches(pred_chars[:, None, :], cand, end_id)
-    prefix = prefix & eligible
+    long = inside & long_tokens[safe]
+    _, truncation, any_prefix = string_matches(pred_chars[:, None, :], cand, long, end_id)
     exact = (pred_tokens[:, None] == topk_ids) & (pred_tokens[:, None] >= 0)
+    strict = exact | truncation
     return {
         "exact_top1": exact[:, 0],
         "exact_top5": exact.any(-1),
-        "prefix_top1": prefix[:, 0],
-        "exact_or_prefix_top5": (exact | prefix).any(-1),
+        "exact_or_prefix_top1": strict[:, 0],
+        "exact_or_prefix_top5": strict.any(-1),
+        "any_prefix_top5": (strict | (any_prefix & eligible)).any(-1),
     }
 
 
@@ -224,11 +227,13 @@ def summarize(
     for key in (
         "exact_top1",
         "exact_top5",
-        "prefix_top1",
+        "exact_or_prefix_top1",
         "exact_or_prefix_top5",
+        "any_prefix_top5",
         "exact_top1_autocorrect",
         "exact_top5_autocorrect",
         "exact_or_prefix_top5_autocorrect",
+        "any_prefix_top5_autocorrect",
         "fallback_top1",
         "fallback_top5",
     ):
@@ -256,7 +261,12 @@ def summarize(
     }
     length = cases["top1_length"]
     len_key = np.where(length < 0, k + 1, np.minimum(length, k + 1) - 1)  # 0..k-1, k = ">k", k+1 = unk
-    res["by_length"] = _bucket_stats(len_key, [str(i + 1) for i in range(k)] + [f">{k}", "unk"], flags)
+    len_labels = [str(i + 1) for i in range(k)] + [f">{k}", "unk"]
+    res["by_length"] = _bucket_stats(len_key, len_labels, flags)
+    pos_char = cases["char_ok"].mean(-1)
+    for i, name in enumerate(len_labels):
+        sel = (len_key == i) & hv
+        res["by_length"][name]["char_acc"] = float(pos_char[sel].mean()) if sel.any() else None
     edges = np.asarray(entropy_bins, dtype=np.float64)
     ent_key = np.clip(np.searchsorted(edges, cases["entropy"], side="right") - 1, 0, len(edges) - 2)
     ent_labels = [f"[{edges[i]:g},{edges[i + 1]:g})" for i in range(len(edges) - 1)]
@@ -301,8 +311,10 @@ def position_cases(
     token_chars = dec.lookup.token_chars
     decodable = dec.lookup.decodable
     ac_chars = torch.where(miss[:, None], token_chars[ac_tokens.clamp(min=0)], chars)
-    plain = match_flags(tokens, chars, topk, token_chars, decodable, dec.end_id)
-    corrected = match_flags(ac_tokens, ac_chars, topk, token_chars, decodable, dec.end_id)
+    long_np = model.table.truncated & ~model.table.unknown
+    long_tokens = torch.from_numpy(long_np).to(topk.device)
+    plain = match_flags(tokens, chars, topk, token_chars, decodable, long_tokens, dec.end_id)
+    corrected = match_flags(ac_tokens, ac_chars, topk, token_chars, decodable, long_tokens, dec.end_id)
     fb = torch.cat(
         [model.lm_logits(hidden[i : i + lm_chunk]).argmax(-1) for i in range(0, len(hidden), lm_chunk)]
     )
@@ -319,11 +331,13 @@ def position_cases(
         "miss": miss,
         "exact_top1": plain["exact_top1"],
         "exact_top5": plain["exact_top5"],
-        "prefix_top1": plain["prefix_top1"],
+        "exact_or_prefix_top1": plain["exact_or_prefix_top1"],
         "exact_or_prefix_top5": plain["exact_or_prefix_top5"],
+        "any_prefix_top5": plain["any_prefix_top5"],
         "exact_top1_autocorrect": corrected["exact_top1"],
         "exact_top5_autocorrect": corrected["exact_top5"],
         "exact_or_prefix_top5_autocorrect": corrected["exact_or_prefix_top5"],
+        "any_prefix_top5_autocorrect": corrected["any_prefix_top5"],
         "fallback_top1": fb == top1,
         "fallback_top5": (fb[:, None] == topk).any(-1),
         "char_ok": raw == token_chars[safe1],

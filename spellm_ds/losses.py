@@ -314,16 +314,30 @@ def token_regularizer(
     return RegularizerOut(loss=total / n.clamp(min=1), fallback_top1=agree / n.clamp(min=1), n_positions=n)
 
 
-def _string_matches(pred: Tensor, cand: Tensor, end_id: int = 0) -> tuple[Tensor, Tensor]:
-    """Exact and non-empty-prefix match of predicted char rows [..., k] against candidate rows [..., k]."""
+def string_matches(
+    pred: Tensor, cand: Tensor, cand_long: Tensor | None = None, end_id: int = 0
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Exact, truncation-prefix and any-prefix flags of END-padded char rows `pred` vs `cand` [..., k].
+
+    `exact`: the rows are equal. `truncation_prefix` (the strict prefix): `pred` has all k symbols (no END)
+    and equals the row of a candidate spelled longer than k (`cand_long`, broadcast like the rows without
+    their last dim; None means no candidate is longer), i.e. its first k characters: the only prefix the k
+    heads can be asked for. `any_prefix` (lenient, never a headline): `pred` up to its first END is
+    non-empty and starts the candidate's string, so one common character matches most candidates.
+    """
     k = pred.shape[-1]
-    exact = (pred == cand).all(-1)
+    same = pred == cand
+    exact = same.all(-1)
     is_end = pred == end_id
     # Length of the predicted string: index of its first END (k when it has none).
-    plen = torch.where(is_end.any(-1), is_end.float().argmax(-1), torch.full_like(pred[..., 0], k))
+    plen = torch.where(is_end.any(-1), is_end.long().argmax(-1), torch.full_like(pred[..., 0], k))
     before = torch.arange(k, device=pred.device) < plen[..., None]
-    prefix = ((pred == cand) | ~before).all(-1) & (plen > 0)
-    return exact, prefix
+    any_prefix = (same | ~before).all(-1) & (plen > 0)
+    if cand_long is None:
+        truncation = torch.zeros_like(exact)
+    else:
+        truncation = exact & (plen == k) & cand_long
+    return exact, truncation, any_prefix
 
 
 @torch.no_grad()
@@ -332,12 +346,13 @@ def char_metrics(
 ) -> dict[str, Tensor]:
     """Per-step metrics (0-dim tensors) of the char heads against the selected label, top-K and teacher top-1.
 
-    Over valid positions: `char_acc` (mean over heads) and `char_acc_h{i}`; `exact_*` (all k chars equal)
-    and `prefix_*` (the argmax string up to its first END is non-empty and a prefix of the candidate's
-    string; exact counts) against the selected label (`_selected`), any eligible candidate (`_top5`) and
-    the teacher's top-1 if eligible (`_top1`); `head_entropy` (nats, mean over heads); `label_not_top1`
-    (share of labels that are not the teacher's top-1). Counts: `n_positions` (loss mask), `n_valid`,
-    `n_no_candidate`.
+    Over valid positions: `char_acc` (mean over heads) and `char_acc_h{i}`; `exact_*` (all k chars equal:
+    in char space this is the strict exact-or-prefix, since a candidate longer than k has its first k
+    characters as its row) and `any_prefix_*` (lenient: the argmax string up to its first END is non-empty
+    and starts the candidate's string) against the selected label (`_selected`), any eligible candidate
+    (`_top5`) and the teacher's top-1 if eligible (`_top1`); `head_entropy` (nats, mean over heads);
+    `label_not_top1` (share of labels that are not the teacher's top-1). Counts: `n_positions` (loss mask),
+    `n_valid`, `n_no_candidate`.
     """
     k, c = char_logits.shape[-2:]
     logits = char_logits.reshape(-1, k, c).float()
@@ -350,19 +365,19 @@ def char_metrics(
     metrics: dict[str, Tensor] = {"char_acc": per_head.mean()}
     for i in range(k):
         metrics[f"char_acc_h{i}"] = per_head[i]
-    ex, pf = _string_matches(pred, out.labels, end_id)
+    ex, _, pf = string_matches(pred, out.labels, end_id=end_id)
     metrics["exact_selected"] = (ex & valid).sum() / denom
-    metrics["prefix_selected"] = (pf & valid).sum() / denom
-    ex5, pf5 = _string_matches(pred[:, None, :], out.cand_chars, end_id)
+    metrics["any_prefix_selected"] = (pf & valid).sum() / denom
+    ex5, _, pf5 = string_matches(pred[:, None, :], out.cand_chars, end_id=end_id)
     metrics["exact_top5"] = ((ex5 & out.eligible).any(-1) & valid).sum() / denom
-    metrics["prefix_top5"] = ((pf5 & out.eligible).any(-1) & valid).sum() / denom
+    metrics["any_prefix_top5"] = ((pf5 & out.eligible).any(-1) & valid).sum() / denom
     kk = out.cand_chars.shape[1]
     top = topk_logprobs.reshape(-1, kk).float().argmax(-1, keepdim=True)
     top_ok = out.eligible.gather(1, top).squeeze(1)
     ex1 = ex5.gather(1, top).squeeze(1) & top_ok
     pf1 = pf5.gather(1, top).squeeze(1) & top_ok
     metrics["exact_top1"] = (ex1 & valid).sum() / denom
-    metrics["prefix_top1"] = (pf1 & valid).sum() / denom
+    metrics["any_prefix_top1"] = (pf1 & valid).sum() / denom
     logp = torch.log_softmax(logits, -1)
     ent = -(logp.exp() * logp).sum(-1).mean(-1)  # [N]
     metrics["head_entropy"] = torch.where(valid, ent, torch.zeros_like(ent)).sum() / denom

@@ -78,34 +78,79 @@ def test_threshold_sweep_and_calibration_by_hand():
     assert rate.tolist() == pytest.approx([0.8, 0.4, 0.0])
 
 
-def test_match_flags_by_hand():
-    surfaces = ["the", " the", "th", "t", "them", "x", "the"]  # id 6 repeats "the": not decodable
-    table = CharTable.from_surfaces(surfaces, k=6)
-    assert table.decodable.tolist() == [True, True, True, True, True, True, False]
+def _flags(surfaces, k, pred_texts, pred_tokens, topk):
+    table = CharTable.from_surfaces(surfaces, k=k)
     enc = table.charset.encode
 
     def row(text):
         r = enc(text)
-        return r + [0] * (6 - len(r))
+        return r + [0] * (k - len(r))
 
-    pred_chars = torch.tensor([row("th"), row("the"), row(""), row("thx"), row("t"), row("the")])
-    pred_tokens = torch.tensor([2, 0, -1, -1, 3, 0])
-    topk = torch.tensor(
-        [[4, 0, 5, 3, 1], [0, 1, 2, 3, 4], [3, 0, 1, 2, 4], [4, 0, 2, 3, 1], [5, 1, 4, 2, 0], [6, 5, 1, 3, 3]]
-    )
-    f = match_flags(
-        pred_tokens,
-        pred_chars,
-        topk,
+    flags = match_flags(
+        torch.tensor(pred_tokens),
+        torch.tensor([row(t) for t in pred_texts]),
+        torch.tensor(topk),
         torch.from_numpy(table.token_chars.astype(np.int64)),
         torch.from_numpy(table.decodable),
+        torch.from_numpy(table.truncated & ~table.unknown),
     )
-    assert f["exact_top1"].tolist() == [False, True, False, False, False, False]
-    assert f["exact_top5"].tolist() == [False, True, False, False, False, False]
-    assert f["prefix_top1"].tolist() == [True, True, False, False, False, False]
-    # "th" prefixes "them"; "the" exact; empty never; "thx" nothing; "t" prefixes "them"; "the" vs the
+    return table, {key: v.tolist() for key, v in flags.items()}
+
+
+def test_match_flags_by_hand():
+    surfaces = ["the", " the", "th", "t", "them", "x", "the"]  # id 6 repeats "the": not decodable
+    table, f = _flags(
+        surfaces,
+        6,
+        ["th", "the", "", "thx", "t", "the"],
+        [2, 0, -1, -1, 3, 0],
+        [
+            [4, 0, 5, 3, 1],
+            [0, 1, 2, 3, 4],
+            [3, 0, 1, 2, 4],
+            [4, 0, 2, 3, 1],
+            [5, 1, 4, 2, 0],
+            [6, 5, 1, 3, 3],
+        ],
+    )
+    assert table.decodable.tolist() == [True, True, True, True, True, True, False]
+    assert f["exact_top1"] == [False, True, False, False, False, False]
+    assert f["exact_top5"] == [False, True, False, False, False, False]
+    # No token is longer than k = 6: every strict match is an exact one.
+    assert f["exact_or_prefix_top1"] == f["exact_top1"]
+    assert f["exact_or_prefix_top5"] == f["exact_top5"]
+    # Lenient: "th" starts "them"; "the" exact; empty never; "thx" nothing; "t" starts "them"; "the" vs the
     # undecodable 6 (not eligible) and "x", " the", "t": nothing
-    assert f["exact_or_prefix_top5"].tolist() == [True, True, False, False, True, False]
+    assert f["any_prefix_top5"] == [True, True, False, False, True, False]
+
+
+def test_strict_prefix_needs_all_k_chars_of_a_longer_candidate():
+    k = 3
+    # 0 "the" (3) | 1 " the" (4: row " th") | 2 "th" | 3 "t" | 4 "them" (4: row "the", shadowed by 0)
+    # 5 "x" | 6 " them" (5: row " th", shadowed by 1) | 7 "xyzw" (4: row "xyz")
+    surfaces = ["the", " the", "th", "t", "them", "x", " them", "xyzw"]
+    table, f = _flags(
+        surfaces,
+        k,
+        ["t", " th", "the", "xyz", "", "th", "x"],
+        [3, 1, 0, 7, -1, 2, 5],
+        [
+            [2, 0, 4, 6, 7],  # one character that starts "th", "the", "them": no match
+            [6, 0, 2, 3, 5],  # " th" = the first 3 chars of " them" (longer than k): a prefix match
+            [4, 1, 2, 3, 5],  # "the" (all k chars) = the first 3 of "them": a prefix match
+            [7, 0, 1, 2, 3],  # "xyz" decodes to "xyzw" itself: exact
+            [0, 1, 2, 3, 4],  # empty: never a match
+            [0, 4, 1, 3, 5],  # "th" (2 of 3 chars) starts "the" and "them": no match
+            [7, 0, 1, 2, 3],  # "x" starts "xyzw" but has 1 of 3 chars: no match
+        ],
+    )
+    assert table.truncated.tolist() == [False, True, False, False, True, False, True, True]
+    assert not table.decodable[4] and not table.decodable[6] and table.decodable[7]
+    assert f["exact_top5"] == [False, False, False, True, False, False, False]
+    assert f["exact_or_prefix_top5"] == [False, True, True, True, False, False, False]
+    assert f["exact_or_prefix_top1"] == [False, True, True, True, False, False, False]
+    # The lenient figure adds every non-empty string that starts a decodable candidate.
+    assert f["any_prefix_top5"] == [True, True, True, True, False, True, True]
 
 
 def test_summarize_buckets_by_hand():
@@ -115,11 +160,13 @@ def test_summarize_buckets_by_hand():
         "miss": np.array([0, 0, 1, 0, 1], dtype=bool),
         "exact_top1": np.array([1, 0, 0, 1, 0], dtype=bool),
         "exact_top5": np.array([1, 1, 0, 1, 0], dtype=bool),
-        "prefix_top1": np.array([1, 0, 0, 1, 0], dtype=bool),
+        "exact_or_prefix_top1": np.array([1, 0, 0, 1, 0], dtype=bool),
         "exact_or_prefix_top5": np.array([1, 1, 0, 1, 1], dtype=bool),
+        "any_prefix_top5": np.array([1, 1, 1, 1, 1], dtype=bool),
         "exact_top1_autocorrect": np.array([1, 0, 1, 1, 0], dtype=bool),
         "exact_top5_autocorrect": np.array([1, 1, 1, 1, 0], dtype=bool),
         "exact_or_prefix_top5_autocorrect": np.array([1, 1, 1, 1, 1], dtype=bool),
+        "any_prefix_top5_autocorrect": np.array([1, 1, 1, 1, 1], dtype=bool),
         "fallback_top1": np.array([1, 1, 1, 1, 1], dtype=bool),
         "fallback_top5": np.array([1, 1, 1, 1, 1], dtype=bool),
         "char_ok": np.array([[1, 1, 1], [1, 0, 0], [0, 0, 0], [1, 1, 0], [0, 0, 0]], dtype=bool),
@@ -133,6 +180,14 @@ def test_summarize_buckets_by_hand():
     # lengths: "1" → pos 0; "2" → pos 1, 4; ">3" → pos 2; "unk" → pos 3
     assert res["by_length"]["1"]["count"] == 1 and res["by_length"]["2"]["count"] == 2
     assert res["by_length"]["2"]["exact_top1"] == pytest.approx(0.0)
+    # char_acc by length over head-valid positions: "1" → pos 0 (3/3); "2" → pos 1 only (1/3; pos 4 is
+    # not head-valid); ">3" → pos 2 (0/3); "unk" → pos 3 (2/3)
+    assert res["by_length"]["1"]["char_acc"] == pytest.approx(1.0)
+    assert res["by_length"]["2"]["char_acc"] == pytest.approx(1 / 3)
+    assert res["by_length"][">3"]["char_acc"] == pytest.approx(0.0)
+    assert res["by_length"]["unk"]["char_acc"] == pytest.approx(2 / 3)
+    assert res["by_length"]["3"]["char_acc"] is None
+    assert res["char_acc"] == pytest.approx(6 / 12)
     assert res["by_length"][">3"]["count"] == 1 and res["by_length"]["unk"]["count"] == 1
     assert res["by_length"]["3"]["count"] == 0
     # entropy bins [0,0.01) holds 2, [0.22,0.5) holds 2, [2,inf) holds 1
@@ -208,25 +263,35 @@ def export_dir(tiny_llama, shards, tmp_path_factory):
     return out
 
 
-def _reference_top5(model, batch, topk):
-    """Plain per-position exact-or-prefix against the top-5, from string rows (no lookup structure)."""
+def _reference(model, batch, topk):
+    """Plain per-position figures from string rows (no lookup structure): strict and lenient top-5 match,
+    and char accuracy by the top-1's spelled length."""
     table = model.table
+    k = table.k
     rows = {tuple(int(x) for x in table.token_chars[v]): int(v) for v in np.flatnonzero(table.decodable)}
     with torch.no_grad():
         logits = model(batch).char_logits
-    hits = []
+    strict, lenient, by_len = [], [], {}
     for b in range(batch.shape[0]):
         for t in range(batch.shape[1]):
             chars = logits[b, t].argmax(-1).tolist()
             s = chars[: chars.index(0)] if 0 in chars else chars
-            tok = rows.get(tuple(s + [0] * (table.k - len(s))), -1)
-            hit = False
+            tok = rows.get(tuple(s + [0] * (k - len(s))), -1)
+            hit = loose = False
             for c in topk[b, t].tolist():
                 crow = table.token_chars[c].tolist()
-                if tok == c or (table.decodable[c] and s and crow[: len(s)] == s):
-                    hit = True
-            hits.append(hit)
-    return float(np.mean(hits))
+                longer = table.lengths[c] > k and not table.unknown[c]
+                hit |= tok == c or (len(s) == k and longer and crow == s)
+                loose |= hit or (bool(table.decodable[c]) and bool(s) and crow[: len(s)] == s)
+            strict.append(hit)
+            lenient.append(loose)
+            top1 = int(topk[b, t, 0])
+            if table.decodable[top1]:
+                length = int(table.lengths[top1])
+                name = "unk" if table.unknown[top1] else (str(length) if length <= k else f">{k}")
+                row = table.token_chars[top1].tolist()
+                by_len.setdefault(name, []).extend(int(chars[h] == row[h]) for h in range(k))
+    return float(np.mean(strict)), float(np.mean(lenient)), {n: float(np.mean(v)) for n, v in by_len.items()}
 
 
 def test_eval_cli_end_to_end(export_dir, shards, tmp_path, capsys):
@@ -246,7 +311,12 @@ def test_eval_cli_end_to_end(export_dir, shards, tmp_path, capsys):
     assert res["agreement_top1_with_fallback"] >= 0.95
     model = SpeLLMForCausalLM.from_pretrained(export_dir)
     assert model.threshold == pytest.approx(res["threshold"])  # --calibrate wrote it
-    assert res["exact_or_prefix_top5"] == pytest.approx(_reference_top5(model, batch, topk))
+    strict, lenient, char_by_len = _reference(model, batch, topk)
+    assert res["exact_or_prefix_top5"] == pytest.approx(strict)
+    assert res["any_prefix_top5"] == pytest.approx(lenient)
+    assert res["any_prefix_top5"] >= res["exact_or_prefix_top5"]
+    for name, acc in char_by_len.items():
+        assert res["by_length"][name]["char_acc"] == pytest.approx(acc), name
     assert 0 < res["exact_top1"] < 1 and res["lookup_miss_rate"] > 0
     assert res["exact_or_prefix_top5_autocorrect"] >= res["exact_or_prefix_top5"]
     png = jpath.with_suffix(".png")

@@ -246,7 +246,15 @@ def _ref_metrics(logits, out, ids, lps, table, eligible):
     n_pos, k, _ = logits.shape
     acc = [0] * k
     counts = dict.fromkeys(
-        ["exact_selected", "prefix_selected", "exact_top5", "prefix_top5", "exact_top1", "prefix_top1"], 0
+        [
+            "exact_selected",
+            "any_prefix_selected",
+            "exact_top5",
+            "any_prefix_top5",
+            "exact_top1",
+            "any_prefix_top1",
+        ],
+        0,
     )
     ent, not_top1, nv = 0.0, 0, 0
     for n in range(n_pos):
@@ -265,15 +273,15 @@ def _ref_metrics(logits, out, ids, lps, table, eligible):
 
         ex, pf = matches(label)
         counts["exact_selected"] += ex
-        counts["prefix_selected"] += pf
+        counts["any_prefix_selected"] += pf
         elig = [int(i) for i in ids[n] if eligible[int(i)]]
         counts["exact_top5"] += any(matches(table[i].tolist())[0] for i in elig)
-        counts["prefix_top5"] += any(matches(table[i].tolist())[1] for i in elig)
+        counts["any_prefix_top5"] += any(matches(table[i].tolist())[1] for i in elig)
         top1 = int(ids[n, int(lps[n].argmax())])
         if eligible[top1]:
             ex1, pf1 = matches(table[top1].tolist())
             counts["exact_top1"] += ex1
-            counts["prefix_top1"] += pf1
+            counts["any_prefix_top1"] += pf1
         not_top1 += int(out.selected_ids[n]) != top1
         for h in range(k):
             p = F.softmax(logits[n, h].double(), -1)
@@ -304,9 +312,9 @@ def test_metrics_match_reference():
         assert float(got[key]) == pytest.approx(value, rel=1e-5, abs=1e-6), key
     assert int(got["n_positions"]) == int(mask.sum())
     # The fixture must exercise every branch: matches of each kind and non-top-1 labels.
-    for key in ("exact_selected", "prefix_selected", "exact_top5", "prefix_top1", "label_not_top1"):
+    for key in ("exact_selected", "any_prefix_selected", "exact_top5", "any_prefix_top1", "label_not_top1"):
         assert 0 < ref[key] < 1, key
-    assert ref["prefix_selected"] > ref["exact_selected"]
+    assert ref["any_prefix_selected"] > ref["exact_selected"]
 
 
 def test_empty_prediction_is_not_a_prefix_match():
@@ -318,11 +326,32 @@ def test_empty_prediction_is_not_a_prefix_match():
     logits[0, :, 0] = 5.0  # predicts END END: the empty string
     out = losses.char_selection_loss(logits, ids, lps, torch.ones(1, dtype=torch.bool), table, eligible)
     m = losses.char_metrics(logits, out, lps)
-    assert float(m["prefix_selected"]) == 0.0 and float(m["prefix_top5"]) == 0.0
+    assert float(m["any_prefix_selected"]) == 0.0 and float(m["any_prefix_top5"]) == 0.0
     logits[0, 0] = torch.tensor([-5.0, 5.0, -5.0])  # "1" + END: exact for token 1, prefix of token 2
     out = losses.char_selection_loss(logits, ids, lps, torch.ones(1, dtype=torch.bool), table, eligible)
     m = losses.char_metrics(logits, out, lps)
     assert int(out.selected_ids[0]) == 1
-    assert float(m["exact_top1"]) == 1.0 and float(m["prefix_top5"]) == 1.0
+    assert float(m["exact_top1"]) == 1.0 and float(m["any_prefix_top5"]) == 1.0
     assert float(m["label_not_top1"]) == 0.0
     assert math.isclose(float(m["char_acc"]), 1.0)
+
+
+def test_string_matches_strict_and_lenient_by_hand():
+    # k = 3, symbols 1..4, END = 0. Candidates: [1, 2, 3] spelled longer than k (its first 3 chars),
+    # [1, 2, 3] of exactly 3 chars, [1, 2, 0] ("12"), [4, 0, 0] ("4").
+    cand = torch.tensor([[1, 2, 3], [1, 2, 3], [1, 2, 0], [4, 0, 0]])
+    long = torch.tensor([True, False, False, False])
+    no, yes = False, True
+    preds = {  # prediction: exact, truncation prefix, any prefix (per candidate)
+        "one char starting three": ([1, 0, 0], [no, no, no, no], [no, no, no, no], [yes, yes, yes, no]),
+        "all k chars of a longer": ([1, 2, 3], [yes, yes, no, no], [yes, no, no, no], [yes, yes, no, no]),
+        "two of k chars": ([1, 2, 0], [no, no, yes, no], [no, no, no, no], [yes, yes, yes, no]),
+        "empty": ([0, 0, 0], [no, no, no, no], [no, no, no, no], [no, no, no, no]),
+    }
+    for what, (pred, want_exact, want_trunc, want_any) in preds.items():
+        exact, trunc, anyp = losses.string_matches(torch.tensor(pred).expand(4, 3), cand, long)
+        assert exact.tolist() == want_exact, what
+        assert trunc.tolist() == want_trunc, what
+        assert anyp.tolist() == want_any, what
+    _, trunc, _ = losses.string_matches(torch.tensor([1, 2, 3]).expand(4, 3), cand)
+    assert not trunc.any()  # no length information: no candidate is longer than k

@@ -161,7 +161,7 @@ def test_two_rank_run_learns_and_logs_to_tensorboard(baseline):
         "train/reg_loss",
         "train/char_acc",
         "train/exact_top5",
-        "train/prefix_top1",
+        "train/any_prefix_top1",
         "train/head_entropy",
         "train/label_not_top1",
         "train/fallback_top1",
