@@ -175,7 +175,10 @@ class OptimConfig(_Section):
     """AdamW over the trainable parameters only."""
 
     lr: float = 1e-4
-    """Peak learning rate (after warmup)."""
+    """Peak learning rate (after warmup) of the char heads."""
+    mlp_lr_scale: float = 1.0
+    """Learning rate of the trainable MLPs as a multiple of the heads' (the same schedule): pretrained
+    MLPs want a far smaller step than zero-initialised heads."""
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     """AdamW (beta1, beta2)."""
     weight_decay: float = 0.0
@@ -188,6 +191,7 @@ class OptimConfig(_Section):
     def problems(self) -> list[str]:
         p: list[str] = []
         _positive(p, "optim.lr", self.lr)
+        _positive(p, "optim.mlp_lr_scale", self.mlp_lr_scale, allow_zero=True)
         _positive(p, "optim.weight_decay", self.weight_decay, allow_zero=True)
         _positive(p, "optim.eps", self.eps)
         _positive(p, "optim.grad_clip", self.grad_clip, allow_zero=True)
@@ -234,6 +238,26 @@ class LossConfig(_Section):
         _positive(p, "loss.tau", self.tau, allow_zero=True)
         _positive(p, "loss.reg_weight", self.reg_weight, allow_zero=True)
         _positive(p, "loss.reg_chunk", self.reg_chunk)
+        return p
+
+
+@dataclass(kw_only=True)
+class WarmStartConfig(_Section):
+    """A fit of the char heads before step 0, on the untouched model's final hidden states."""
+
+    positions: int = 0
+    """Training-shard positions to fit on (taken from the first shards, split over ranks); 0: no fit,
+    the heads start at zero."""
+    iters: int = 60
+    """L-BFGS iterations per head (each head is an independent softmax over the symbols)."""
+    l2: float = 1e-4
+    """L2 penalty on the head weights (keeps near-separable symbols from diverging)."""
+
+    def problems(self) -> list[str]:
+        p: list[str] = []
+        _positive(p, "warm_start.positions", self.positions, allow_zero=True)
+        _positive(p, "warm_start.iters", self.iters)
+        _positive(p, "warm_start.l2", self.l2, allow_zero=True)
         return p
 
 
@@ -303,6 +327,7 @@ class TrainConfig(_Section):
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    warm_start: WarmStartConfig = field(default_factory=WarmStartConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 

@@ -236,6 +236,17 @@ class SpeLLMModel(nn.Module):
     @torch.no_grad()
     def init_char_heads(self, std: float = 0.0, seed: int = 0) -> None:
         """Set the char heads to zero (std=0) or N(0, std²) from `seed`; the same on every rank."""
+        self._write_char_heads(lambda weight: _fill(weight, std, seed))
+
+    @torch.no_grad()
+    def set_char_heads(self, weight: Tensor) -> None:
+        """Collective under ZeRO-3: set the char head weight [k·|C|, d] to rank 0's `weight`."""
+        want = (self.k * self.num_chars, self.base.config.hidden_size)
+        if tuple(weight.shape) != want:
+            raise SpellmError(f"char head weight {tuple(weight.shape)} does not fit {want}")
+        self._write_char_heads(lambda w: w.copy_(weight.to(w.dtype)))
+
+    def _write_char_heads(self, write: Any) -> None:
         weight = self.char_heads.weight
         if hasattr(weight, "ds_id"):
             import deepspeed
@@ -243,9 +254,18 @@ class SpeLLMModel(nn.Module):
 
             with deepspeed.zero.GatheredParameters([weight], modifier_rank=0):
                 if dist.get_rank() == 0:
-                    _fill(weight, std, seed)
+                    write(weight)
         else:
-            _fill(weight, std, seed)
+            write(weight)
+
+    def param_groups(self, mlp_lr_scale: float = 1.0) -> list[dict[str, Any]]:
+        """Optimizer groups of the trainable parameters: `heads`, then `mlps` (if any) with `lr_scale`."""
+        heads = [p for p in self.char_heads.parameters() if p.requires_grad]
+        mlps = [p for n, p in self.base.named_parameters() if p.requires_grad]
+        groups: list[dict[str, Any]] = [{"params": heads, "name": "heads", "lr_scale": 1.0}]
+        if mlps:
+            groups.append({"params": mlps, "name": "mlps", "lr_scale": float(mlp_lr_scale)})
+        return groups
 
     def set_loss(self, loss_cfg: Any, token_chars: Any, eligible: Any) -> None:
         """Configure the losses: `loss_cfg` has selection, tau, regularizer, reg_weight, reg_chunk

@@ -192,6 +192,9 @@ class Run:
     corrupt_at_start: int = 0  # corrupt samples counted before this process started (all ranks)
     trace: Any = None
     hooks: dict[str, Any] = field(default_factory=dict)
+    # (name, lr multiple) of each optimizer group, in order. Kept here, not in the groups: a universal
+    # checkpoint load copies group 0's hyperparameters into every group.
+    lr_groups: list[tuple[str, float]] = field(default_factory=list)
 
 
 class NonFiniteError(Exception):
@@ -250,6 +253,8 @@ def train(cfg: TrainConfig) -> int:
     try:
         state = _restore(run, resume)
         _log_start(run, state, resume)
+        if state.step == 0 and cfg.warm_start.positions:
+            _warm_start(run)
         while state.step < cfg.max_steps:
             if _any_rank(run, stop.signum != 0):
                 _save(run, state)
@@ -314,8 +319,8 @@ def _setup(cfg: TrainConfig, pre: Preflight, info: Any, resume: Path | None) -> 
     if universal:
         ds_config.setdefault("checkpoint", {})["load_universal"] = True
     model = _build_model(cfg, table, ds_config)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable, config=ds_config)
+    groups = model.param_groups(cfg.optim.mlp_lr_scale)
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config)
     run = Run(
         cfg=cfg,
         pre=pre,
@@ -330,6 +335,7 @@ def _setup(cfg: TrainConfig, pre: Preflight, info: Any, resume: Path | None) -> 
         eval_loader=_make_loader(cfg, pre, info, cfg.data.eval, train=False) if cfg.data.eval else None,
         universal=universal,
         hooks=_read_hooks(),
+        lr_groups=[(g["name"], g["lr_scale"]) for g in groups],
     )
     if run.hooks["trace_dir"]:
         trace = Path(run.hooks["trace_dir"])
@@ -453,8 +459,8 @@ def _train_step(run: Run, state: TrainState) -> StepStats:
     """Draw micro-batches until `grad_accum` finite ones went through backward, then step the optimizer."""
     cfg, engine = run.cfg, run.engine
     lr = lr_at(state.step, cfg)
-    for group in engine.optimizer.param_groups:
-        group["lr"] = lr
+    for group, (_, scale) in zip(engine.optimizer.param_groups, run.lr_groups):
+        group["lr"] = lr * scale
     log_now = (state.step + 1) % cfg.log_interval == 0 or state.step + 1 == cfg.max_steps
     t0 = time.perf_counter()
     wait, accepted, tokens = 0.0, 0, 0
@@ -669,6 +675,8 @@ def _restore(run: Run, resume: Path | None) -> TrainState:
         path, client = run.engine.load_checkpoint(str(load_root), tag=resume.name)
         if path is None or not client or "spellm" not in client:
             raise SpellmError(f"could not load checkpoint {resume}")
+        if run.universal:
+            _unshare_step_counters(run.engine)
         saved = client["spellm"]
         if saved["charset_hash"] != run.table.hash:
             raise SpellmError(
@@ -684,6 +692,20 @@ def _restore(run: Run, resume: Path | None) -> TrainState:
     run.corrupt_at_start = run.loader.corrupt_skipped
     run.batches = iter(run.loader)
     return state
+
+
+def _unshare_step_counters(engine: Any) -> None:
+    """Give every optimizer group its own Adam step tensor after a universal load.
+
+    DeepSpeed's universal ZeRO-3 load assigns one step tensor object to every group's state; torch's Adam
+    increments it in place once per group, so with two groups the count (and the bias correction) would
+    advance twice per step.
+    """
+    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    for state in inner.state.values():
+        step = state.get("step")
+        if isinstance(step, torch.Tensor):
+            state["step"] = step.clone()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -781,6 +803,10 @@ def _log_train(run: Run, state: TrainState, stats: StepStats) -> None:
     scalars.update(
         {
             "train/lr": stats.lr,
+            **{
+                f"train/lr_{name}": float(g["lr"])
+                for g, (name, _) in zip(run.engine.optimizer.param_groups, run.lr_groups)
+            },
             "train/grad_norm": stats.grad_norm,
             "train/skipped_nonfinite": float(state.skipped_nonfinite),
             "throughput/tokens_per_s": stats.tokens / max(stats.wall, 1e-9),
@@ -794,6 +820,47 @@ def _log_train(run: Run, state: TrainState, stats: StepStats) -> None:
     run.writer.flush()
     if state.step == 1 or state.step % (10 * run.cfg.log_interval) == 0 or state.step == run.cfg.max_steps:
         _say(run, f"step {state.step}: loss {scalars.get('train/loss', float('nan')):.4f} lr {stats.lr:.3g}")
+
+
+def _warm_start(run: Run) -> None:
+    """Collective: fit the char heads on the first training positions before step 0 (see warm_start)."""
+    from spellm_ds.warm_start import warm_start_heads
+
+    cfg = run.cfg
+    per_batch = run.pre.micro * cfg.data.seq_len * run.world_size
+    n_batches = max(1, -(-cfg.warm_start.positions // per_batch))
+    loader = _make_loader(cfg, run.pre, _RankView(run.rank, run.world_size), cfg.data.train, train=False)
+    loader.start_epoch(0)
+
+    def batches() -> Any:
+        for i, batch in enumerate(loader.iter_epoch()):
+            if i >= n_batches:
+                return
+            yield _to_device(batch, run.device)
+
+    t0 = time.perf_counter()
+    run.engine.eval()
+    fit = warm_start_heads(
+        run.engine, run.engine.module, batches(), iters=cfg.warm_start.iters, l2=cfg.warm_start.l2
+    )
+    run.engine.train()
+    fit["seconds"] = time.perf_counter() - t0
+    if run.writer is not None:
+        for name, value in fit.items():
+            run.writer.add_scalar(f"warm_start/{name}", value, 0)
+        run.writer.flush()
+    _say(
+        run,
+        f"warm start: char heads fitted on {fit['positions']:.0f} positions in {fit['seconds']:.1f} s: "
+        f"char accuracy {fit['char_acc']:.3f}, cross-entropy {fit['char_ce']:.3f} per head "
+        f"(zero heads: {fit['char_ce_zero']:.3f})",
+    )
+
+
+@dataclass(frozen=True)
+class _RankView:
+    rank: int
+    world_size: int
 
 
 @torch.no_grad()

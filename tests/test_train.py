@@ -317,3 +317,36 @@ def test_too_many_nonfinite_losses_stop_with_exit_3(tiny_data, tmp_path):
     scalars = th.read_scalars(tmp_path / "run" / "tensorboard")
     assert [s for s, _ in scalars["train/loss"]] == [1]  # one good step, then the stop
     assert not (tmp_path / "run" / "checkpoints" / LATEST).exists()
+
+
+@pytest.mark.dist
+def test_warm_start_fits_the_heads_before_step_one_and_mlps_get_their_own_lr(baseline, tiny_data, tmp_path):
+    optim = {"lr": 0.01, "mlp_lr_scale": 0.1, "betas": [0.9, 0.95], "weight_decay": 0.0, "grad_clip": 1.0}
+    cfg = _config(
+        tmp_path,
+        tiny_data,
+        "warm",
+        max_steps=2,
+        optim=optim,
+        warm_start={"positions": 2048, "iters": 30, "l2": 1e-3},
+        eval={"interval": 0},
+    )
+    proc = th.launch("torchrun", cfg)
+    _ok(proc)
+    assert "warm start: char heads fitted on" in proc.stdout
+    scalars = th.read_scalars(tmp_path / "warm" / "tensorboard")
+    (acc,) = scalars["warm_start/char_acc"]
+    (ce,) = scalars["warm_start/char_ce"]
+    (positions,) = scalars["warm_start/positions"]
+    num_chars = json.loads((tmp_path / "warm" / "checkpoints" / tag_for(2) / "charset.json").read_text())
+    ln_c = math.log(len(num_chars["symbols"]))
+    assert positions[1] >= 1000 and 0.3 < acc[1] <= 1.0 and ce[1] < 0.7 * ln_c
+    # Zero heads score every candidate k·ln|C| (the baseline's first step); fitted heads far less.
+    (first_zero,) = [
+        v for s, v in th.read_scalars(baseline["dir"] / "tensorboard")["train/char_loss"] if s == 1
+    ]
+    assert first_zero == pytest.approx(10 * ln_c, rel=1e-4)
+    (first_warm,) = [v for s, v in scalars["train/char_loss"] if s == 1]
+    assert first_warm < 0.7 * first_zero
+    heads, mlps = dict(scalars["train/lr_heads"]), dict(scalars["train/lr_mlps"])
+    assert sorted(heads) == [1, 2] and all(mlps[s] == pytest.approx(0.1 * heads[s]) for s in heads)
