@@ -15,15 +15,16 @@ Three students distilled from the same teacher on the same shards, through the r
 - `N5-prior`: the same with the teacher-prior rule (char loss − τ·teacher log-prob);
 - `N1-prior` (only with `--variants`): the teacher-prior rule with only the last layer's MLP trainable.
 
-Columns (fractions of held-out positions; definitions in spellm_ds/evaluate.py): exact match with one
-of the teacher's top-5, exact-or-prefix match (a prefix only where all k characters equal the start of a
+Columns (fractions of held-out positions; definitions in spellm_ds/evaluate.py): exact match with one of
+the teacher's top-5, exact-or-prefix match (a prefix only where all k characters equal the start of a
 candidate longer than k) without and with AutoCorrect (paper: 94.89% / 97.57%), the heads' character
-accuracy against the teacher top-1's k symbols, exact match with the teacher's top-1 without fallback (the char path alone, with AutoCorrect), the fallback path's own top-1
-accuracy (original lm_head on the student's hidden state), the calibrated entropy threshold, the fallback
-rate it costs and the top-1 agreement reached with it (target 99%). With `--curve K` each variant also
-reports the metrics at K checkpoints against training tokens, so the budget that reaches the targets can
-be read off. The demo teacher (data_prep/demo_teacher.py) is trained first if it is not cached. The
-last line is one JSON object with every figure.
+accuracy against the teacher top-1's k symbols, exact match with the teacher's top-1 without fallback
+(the char path alone, with AutoCorrect), the fallback path's own top-1 accuracy (original lm_head on the
+student's hidden state), the calibrated entropy threshold, the fallback rate it costs and the top-1
+agreement reached with it (target 99%). With `--curve K` each variant also reports the metrics at K
+checkpoints against training tokens, so the budget that reaches the targets can be read off. The demo
+teacher (data_prep/demo_teacher.py) is trained first if it is not cached. The last line is one JSON
+object with every figure.
 """
 
 from __future__ import annotations
