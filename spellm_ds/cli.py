@@ -346,6 +346,68 @@ def _run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- compare ---
+def _add_compare(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "compare",
+        help="greedy generation of a SpeLLM export next to its teacher's",
+        description="Greedy continuations of held-out shard prompts by the teacher and by the student "
+        "(without and with fallback): agreement before the first divergence; text prompts side by side.",
+    )
+    p.add_argument("--model", required=True, metavar="DIR", help="export directory")
+    p.add_argument("--teacher", required=True, metavar="DIR", help="the teacher's HF directory")
+    p.add_argument(
+        "--shards", default=None, metavar="DIR", help="held-out shards: prompts are sample prefixes"
+    )
+    p.add_argument("--prompts", type=int, default=64, help="shard prompts (default 64)")
+    p.add_argument("--prompt-tokens", type=int, default=48, help="ids per shard prompt (default 48)")
+    p.add_argument("--new-tokens", type=int, default=32, help="greedy tokens per shard prompt (default 32)")
+    p.add_argument("--text", action="append", default=[], help="a text prompt shown in full (repeatable)")
+    p.add_argument("--text-tokens", type=int, default=48, help="greedy tokens per text prompt (default 48)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--base-model", default=None, metavar="DIR", help="base model of a delta export")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when present)")
+    p.add_argument("--json", default=None, metavar="OUT", help="also write the result JSON here")
+    p.set_defaults(func=_run_compare)
+
+
+def _run_compare(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from spellm_ds.compare import compare_generation
+
+    for name in ("prompts", "prompt_tokens", "new_tokens", "text_tokens", "batch_size"):
+        if getattr(args, name) < 1:
+            raise SpellmError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    res = compare_generation(
+        args.model,
+        args.teacher,
+        shards=args.shards,
+        prompts=args.prompts,
+        prompt_tokens=args.prompt_tokens,
+        new_tokens=args.new_tokens,
+        texts=args.text,
+        text_tokens=args.text_tokens,
+        batch_size=args.batch_size,
+        device=_default_device(args.device),
+        base_model=args.base_model,
+    )
+    for name, s in res["settings"].items():
+        print(
+            f"{name:<14} agreement before divergence {s['agreement_tokens_mean']:.1f} of {res['new_tokens']} "
+            f"tokens ({100 * s['agreement_share']:.1f}% of generated), "
+            f"full match {100 * s['full_match']:.1f}%"
+        )
+    for row in res["samples"]:
+        print(f"\nprompt : {row['prompt']!r}\nteacher: {row['teacher']!r}")
+        print(f"student: {row['with_fallback']!r}\n  (no fallback: {row['no_fallback']!r})")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(res, indent=1) + "\n", encoding="utf-8")
+    return 0
+
+
 # --- plan ---
 def _add_plan(sub) -> None:
     p = sub.add_parser(

@@ -45,9 +45,12 @@ def selected_rows(
 
 
 def fit_head(x: Tensor, y: Tensor, num_chars: int, iters: int = 60, l2: float = 1e-4) -> Tensor:
-    """Weights [num_chars, d] of a softmax classifier of labels `y` [n] from features `x` [n, d]."""
-    x = x.double()
-    w = torch.zeros(num_chars, x.shape[1], dtype=torch.float64, requires_grad=True)
+    """Weights [num_chars, d] of a softmax classifier of labels `y` [n] from features `x` [n, d].
+
+    Solved in float32, or in float64 when `x` is float64.
+    """
+    x = x if x.dtype == torch.float64 else x.float()
+    w = torch.zeros(num_chars, x.shape[1], dtype=x.dtype, requires_grad=True)
     opt = torch.optim.LBFGS([w], lr=1.0, max_iter=iters, history_size=20, line_search_fn="strong_wolfe")
 
     def closure() -> Tensor:

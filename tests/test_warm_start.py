@@ -36,7 +36,7 @@ def test_fit_head_reaches_a_stationary_point_and_separates():
     y = torch.randint(0, c, (n,), generator=gen)
     x = centers[y] + torch.randn(n, d, generator=gen)
     l2 = 1e-3
-    w = fit_head(x, y, c, iters=200, l2=l2)
+    w = fit_head(x.double(), y, c, iters=200, l2=l2)
     # The objective is strictly convex with l2 > 0: its gradient vanishes only at the optimum.
     wg = w.clone().requires_grad_(True)
     obj = torch.nn.functional.cross_entropy(x.double() @ wg.T, y) + 0.5 * l2 * (wg * wg).sum()
