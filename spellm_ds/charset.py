@@ -9,15 +9,27 @@ Default symbol table (`DEFAULT_CHARSET`, 105 symbols; ids fit uint8, so a table 
     97       "\\t"                tab
     98       "\\r"                carriage return
     99       <unk>               a character that is still outside the table after normalisation
-    100      <eos>               the tokenizer's eos token
+    100      <eos>               end tokens: the tokenizer's eos token and every special token in `END_TOKENS`
     101      <bos>               its bos token (when that is not also the eos token)
     102      <pad>               its pad token
     103      <unk-token>         its own unknown token (e.g. SentencePiece `<unk>`)
     104      <other-special>     every other special token (chat markers, reserved tokens, [CLS], ...)
 
-Single-character symbols are literal characters; named symbols are written `<name>`. A special token takes
-the first role it has in the order eos, bos, pad, unk; a role whose symbol is missing from a custom table
-falls back to `<other-special>`, and without that the token is unrepresentable.
+Single-character symbols are literal characters; named symbols are written `<name>`.
+
+Special tokens (the tokenizer's added tokens marked special, its `all_special_ids` and its eos, bos, pad
+and unk ids) each get a role, the first that applies of: eos (the tokenizer's `eos_token_id`), bos
+(`bos_token_id`), end marker (content in `END_TOKENS`, such as `<|endoftext|>`, `<|eot_id|>`,
+`<end_of_turn>`: role eos, also when the token is the pad or unk token), pad (`pad_token_id`), unk
+(`unk_token_id`), other. The role holder, the token whose role comes from that tokenizer attribute (at
+most one per role), is spelled as the role symbol alone: `<|im_end|>` as eos is `[<eos>]`. Every other
+special token is spelled as its role symbol followed by its content, spelled like any surface string
+(normalised, `<unk>` for characters outside the table, truncated at k; full length 1 + len(content)):
+`<|endoftext|>` that is not the eos token is `[<eos>, <, |, e, n, d, o, f, t, e]` at k = 10 (length 14),
+`<repo_name>` is `[<other-special>, <, r, e, p, o, _, n, a, m]`. So special tokens share a row only when
+role and the first k - 1 content characters agree, and then the canonical rule below picks one. A role
+whose symbol is missing from a custom table falls back to `<other-special>`, and without that the token
+is unrepresentable.
 
 Normalisation: Unicode NFKD, then every combining mark (category M*) is dropped, then each character that
 is not a single-character symbol becomes `<unk>`. So é→e, ﬁ→fi, Ａ→A, a no-break space → space, and
@@ -36,7 +48,8 @@ Surface string of a token (what the token adds to decoded text), read from the t
   a leading space, " the", as the WordPiece decoder joins words with a space (its punctuation clean-up is
   not applied). Without the space "the" and "##the" would share one spelling.
 - BPE with an end-of-word suffix (`</w>`): the suffix becomes a trailing space.
-- added tokens that are not special: their literal content. Special tokens: one named symbol (above).
+- added tokens that are not special: their literal content. Special tokens: their content (as written
+  in the tokenizer), which the table spells after the role symbol (above).
 
 Flags per token: `truncated` (spelled length > k; the row keeps the first k symbols), `unknown` (contains
 `<unk>`, or spells to nothing), `normalized` (normalisation changed the surface string, e.g. "é" → "e").
@@ -62,7 +75,7 @@ import json
 import os
 import re
 import unicodedata
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -83,6 +96,17 @@ PAD = "<pad>"
 UNK_TOKEN = "<unk-token>"
 OTHER_SPECIAL = "<other-special>"
 DEFAULT_SPECIALS = (EOS, BOS, PAD, UNK_TOKEN, OTHER_SPECIAL)
+# Contents of end-of-text / end-of-turn special tokens: spelled with <eos> even when not the eos token.
+END_TOKENS = (
+    "<|endoftext|>",
+    "<|im_end|>",
+    "<|eot_id|>",
+    "<|end_of_text|>",
+    "<|eom_id|>",
+    "</s>",
+    "<|end|>",
+    "<end_of_turn>",
+)
 DEFAULT_CHARS = "".join(chr(c) for c in range(0x20, 0x7F)) + "\n\t\r"
 
 FILE_FORMAT = "spellm-charset"
@@ -343,8 +367,9 @@ def surface_of(token: str, conventions: Conventions) -> str:
 class TokenSurfaces:
     """Per-token surface strings of a tokenizer (None where an id has no token) and its special tokens."""
 
-    surfaces: list[str | None]
+    surfaces: list[str | None]  # special tokens: their content
     special_roles: dict[int, str]  # token id -> role symbol name (<eos>, <bos>, <pad>, <unk-token>, ...)
+    role_holders: frozenset[int]  # special ids whose role is the tokenizer's own attribute for it
     conventions: Conventions
 
 
@@ -378,7 +403,7 @@ def _backend_of(tokenizer: Any, where: str | None = None) -> Any:
 
 
 def token_surfaces(tokenizer: Any) -> TokenSurfaces:
-    """Return every token's surface string and the special tokens' roles for a HF fast tokenizer."""
+    """Return every token's surface string, the special tokens' roles and the role holders (module doc)."""
     backend = _backend_of(tokenizer)
     spec = json.loads(backend.to_str())
     conventions = detect_conventions(spec)
@@ -389,31 +414,47 @@ def token_surfaces(tokenizer: Any) -> TokenSurfaces:
         tokens[i] = tok
     added = {int(a["id"]): a for a in spec.get("added_tokens") or []}
 
-    role_ids: list[tuple[str, Any]] = [
-        (EOS, getattr(tokenizer, "eos_token_id", None)),
-        (BOS, getattr(tokenizer, "bos_token_id", None)),
-        (PAD, getattr(tokenizer, "pad_token_id", None)),
-        (UNK_TOKEN, getattr(tokenizer, "unk_token_id", None)),
-    ]
+    attributes = (
+        (EOS, "eos_token_id"),
+        (BOS, "bos_token_id"),
+        (PAD, "pad_token_id"),
+        (UNK_TOKEN, "unk_token_id"),
+    )
+    role_ids = [(role, getattr(tokenizer, name, None)) for role, name in attributes]
+    role_ids = [(role, tid) for role, tid in role_ids if isinstance(tid, int)]
     special_ids = {i for i, a in added.items() if a.get("special")}
     special_ids.update(int(i) for i in getattr(tokenizer, "all_special_ids", None) or [])
+    special_ids.update(tid for _, tid in role_ids)
+
+    def content(i: int) -> str | None:
+        if i in added:
+            return added[i]["content"]
+        return tokens[i] if 0 <= i < size else None
+
     roles: dict[int, str] = {}
     for role, tid in role_ids:
-        if isinstance(tid, int) and tid not in roles:
-            roles[tid] = role
-            special_ids.add(tid)
+        if role in (EOS, BOS):
+            roles.setdefault(tid, role)
+    for tid in sorted(special_ids):  # end markers take the eos role before pad and unk are given
+        if tid not in roles and content(tid) in END_TOKENS:
+            roles[tid] = EOS
+    for role, tid in role_ids:
+        roles.setdefault(tid, role)
     for tid in special_ids:
         roles.setdefault(tid, OTHER_SPECIAL)
+    holders = frozenset(tid for role, tid in role_ids if roles[tid] == role)
 
     surfaces: list[str | None] = []
     for i, tok in enumerate(tokens):
-        if tok is None or i in roles:
-            surfaces.append(None if tok is None else tok)
-        elif i in added:
-            surfaces.append(added[i]["content"])
+        if tok is None:
+            surfaces.append(None)
+        elif i in roles or i in added:
+            surfaces.append(content(i))
         else:
             surfaces.append(surface_of(tok, conventions))
-    return TokenSurfaces(surfaces=surfaces, special_roles=roles, conventions=conventions)
+    return TokenSurfaces(
+        surfaces=surfaces, special_roles=roles, role_holders=holders, conventions=conventions
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -480,13 +521,19 @@ class CharTable:
         k: int = DEFAULT_K,
         charset: Charset | None = None,
         special_roles: Mapping[int, str] | None = None,
+        role_holders: Collection[int] = (),
         tokenizer_hash: str = "",
         conventions: str = "plain",
     ) -> CharTable:
-        """Spell surface strings (None = no token) and special tokens (id → role symbol) into a table."""
+        """Spell surface strings (None = no token) and special tokens (id → role symbol) into a table.
+
+        A special token in `role_holders` is its role symbol alone; any other is its role symbol followed
+        by its surface string (its content; None or "" adds nothing).
+        """
         _check_k(k)
         cs = charset or DEFAULT_CHARSET
         roles = dict(special_roles or {})
+        holders = set(role_holders)
         v = len(surfaces)
         chars = np.zeros((v, k), dtype=np.uint8)
         lengths = np.zeros(v, dtype=np.int32)
@@ -494,20 +541,21 @@ class CharTable:
         normalized = np.zeros(v, dtype=bool)
         other = cs.other_special_id
         for i, s in enumerate(surfaces):
+            head: list[int] = []
             if i in roles:
                 sym = cs.id_of(roles[i])
                 sym = other if sym is None else sym
                 if sym is None:
                     unknown[i] = True
                     continue
-                chars[i, 0] = sym
-                lengths[i] = 1
-                continue
-            if s is None:
+                head = [sym]
+                if i in holders or s is None:
+                    s = ""
+            elif s is None:
                 unknown[i] = True
                 continue
             norm = normalize_text(s)
-            ids = cs.encode(norm)
+            ids = head + cs.encode(norm)
             lengths[i] = len(ids)
             unknown[i] = not ids or cs.unk_id in ids
             normalized[i] = norm != s
@@ -556,6 +604,7 @@ class CharTable:
             k=k,
             charset=charset,
             special_roles=ts.special_roles,
+            role_holders=ts.role_holders,
             tokenizer_hash=tokenizer_hash(tokenizer),
             conventions=ts.conventions.name,
         )

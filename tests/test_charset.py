@@ -232,27 +232,97 @@ def test_exact_tokens_round_trip_and_collisions_follow_the_rule(tokenizers, kind
     assert table.decodable[exact].mean() > 0.95
 
 
+def ref_row(symbols: list[str]) -> list[int]:
+    """A row from symbols written out by hand (characters and `<name>`s), END-padded or cut to K."""
+    ids = [REF_SPECIAL[s] if s in REF_SPECIAL else REF_IDS[s] for s in symbols]
+    return (ids + [0] * K)[:K]
+
+
 def test_special_tokens_map_to_their_symbols_and_round_trip(tokenizers):
+    # Role holders (the tokenizer's own eos/bos/pad/unk) are their symbol alone; [CLS], [SEP] and [MASK]
+    # are no attribute's token, so they are <other-special> followed by their content.
     expected = {
-        "byte_level": {"<|endoftext|>": "<eos>", "<|pad|>": "<pad>"},
-        "metaspace": {"<unk>": "<unk-token>", "<s>": "<bos>", "</s>": "<eos>", "<pad>": "<pad>"},
-        "wordpiece": {"[PAD]": "<pad>", "[UNK]": "<unk-token>", "[CLS]": "<other-special>"},
+        "byte_level": {"<|endoftext|>": ["<eos>"], "<|pad|>": ["<pad>"]},
+        "metaspace": {"<unk>": ["<unk-token>"], "<s>": ["<bos>"], "</s>": ["<eos>"], "<pad>": ["<pad>"]},
+        "wordpiece": {
+            "[PAD]": ["<pad>"],
+            "[UNK]": ["<unk-token>"],
+            "[CLS]": ["<other-special>", "[", "C", "L", "S", "]"],
+            "[SEP]": ["<other-special>", "[", "S", "E", "P", "]"],
+            "[MASK]": ["<other-special>", "[", "M", "A", "S", "K", "]"],
+        },
     }
     for kind, pairs in expected.items():
         tok = tokenizers[kind]
         table = CharTable.build(tok, k=K)
         lookup = TokenLookup(table)
-        for content, symbol in pairs.items():
+        for content, symbols in pairs.items():
             t = tok.convert_tokens_to_ids(content)
-            assert table.token_chars[t].tolist() == [REF_SPECIAL[symbol]] + [0] * (K - 1)
-            assert not table.unknown[t] and not table.truncated[t]
-            query = torch.tensor([REF_SPECIAL[symbol]] + [0] * (K - 1))
-            assert int(lookup.lookup(query)) == t, (kind, content)
-    # [SEP] and [MASK] share <other-special> with [CLS]; the lowest id wins.
-    wp = tokenizers["wordpiece"]
-    table = CharTable.build(wp, k=K)
-    ids = sorted(wp.convert_tokens_to_ids(c) for c in ("[CLS]", "[SEP]", "[MASK]"))
-    assert table.decodable[ids].tolist() == [True, False, False]
+            assert table.token_chars[t].tolist() == ref_row(symbols), (kind, content)
+            assert int(table.lengths[t]) == len(symbols)
+            assert not table.unknown[t] and not table.truncated[t] and table.decodable[t]
+            assert int(lookup.lookup(torch.tensor(ref_row(symbols)))) == t, (kind, content)
+        # Every special token of these tokenizers has a row of its own.
+        special = sorted(set(tok.all_special_ids))
+        assert table.decodable[special].all(), kind
+
+
+def end_tokens_tokenizer(out: Path) -> Path:
+    """Byte-level vocabulary whose eos is <|im_end|> (also pad) and whose unk token is <|endoftext|>."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {"<|endoftext|>": 0, "<|im_end|>": 1, "a": 2, "Ġthe": 3, "<": 4, "Ġ<": 5}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<|endoftext|>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    extra = ["<|eot_id|>", "<|end_of_text|>", "<repo_name>", "<reponame>"]  # ids 6..9
+    tok.add_special_tokens([AddedToken(c, special=True) for c in ["<|endoftext|>", "<|im_end|>", *extra]])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|im_end|>", unk_token="<|endoftext|>"
+    )
+    fast.save_pretrained(str(out))
+    return out
+
+
+def test_end_tokens_and_other_specials_get_distinct_rows(tmp_path):
+    tok = AutoTokenizer.from_pretrained(str(end_tokens_tokenizer(tmp_path / "tok")))
+    ids = {c: tok.convert_tokens_to_ids(c) for c in tok.get_vocab()}
+    assert (tok.eos_token_id, tok.pad_token_id, tok.unk_token_id) == (1, 1, 0)
+    # Rows written out by hand: k=10 keeps the role symbol and the first 9 characters of the content.
+    expected = {
+        "<|im_end|>": (["<eos>"], 1),  # the eos token (and pad): its symbol alone
+        "<|endoftext|>": (["<eos>", *"<|endofte"], 14),  # the unk token, but an end marker
+        "<|eot_id|>": (["<eos>", *"<|eot_id|"], 11),
+        "<|end_of_text|>": (["<eos>", *"<|end_of_"], 16),
+        "<repo_name>": (["<other-special>", *"<repo_nam"], 12),
+        "<reponame>": (["<other-special>", *"<reponame"], 11),
+    }
+    ts = token_surfaces(tok)
+    assert ts.special_roles == {
+        0: "<eos>",
+        1: "<eos>",
+        6: "<eos>",
+        7: "<eos>",
+        8: "<other-special>",
+        9: "<other-special>",
+    }
+    assert ts.role_holders == {1}
+    table = CharTable.build(tok, k=K)
+    lookup = TokenLookup(table)
+    for content, (symbols, length) in expected.items():
+        t = ids[content]
+        assert table.token_chars[t].tolist() == ref_row(symbols), content
+        assert int(table.lengths[t]) == length and bool(table.truncated[t]) == (length > K), content
+        assert not table.unknown[t] and table.decodable[t], content
+        assert int(lookup.lookup(torch.tensor(ref_row(symbols)))) == t, content
+    rows = {tuple(table.token_chars[ids[c]].tolist()) for c in expected}
+    assert len(rows) == len(expected)
+    for content in ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>"):
+        assert table.token_chars[ids[content], 0] == REF_SPECIAL["<eos>"]
+    for content in ("<repo_name>", "<reponame>"):
+        assert table.token_chars[ids[content], 0] == REF_SPECIAL["<other-special>"]
+    # Ordinary tokens keep their plain spelling, also the ones that start like a special's content.
+    assert table.token_chars[ids["Ġ<"]].tolist() == ref_row([" ", "<"]) and table.decodable[ids["<"]]
 
 
 def test_wordpiece_pieces_and_conventions(tokenizers):
@@ -387,15 +457,42 @@ def _row(text: str) -> list[int]:
 
 
 def test_collision_rule_on_hand_built_surfaces():
-    surfaces = ["é", "e", "abcdefghijKL", "abcdefghij", "abcdefghijMN", "x", "x", None, None, None]
-    roles = {7: OTHER_SPECIAL, 8: OTHER_SPECIAL, 9: EOS}
-    table = CharTable.from_surfaces(surfaces, k=K, special_roles=roles)
+    surfaces = ["é", "e", "abcdefghijKL", "abcdefghij", "abcdefghijMN", "x", "x"]
+    surfaces += ["<sep>", "<mask>", "</s>", "<|endoftext|>", "<|endoftext_2|>", "<|endoftext|>", "中"]
+    roles = {
+        7: OTHER_SPECIAL,
+        8: OTHER_SPECIAL,
+        9: EOS,
+        10: EOS,
+        11: EOS,
+        12: OTHER_SPECIAL,
+        13: OTHER_SPECIAL,
+    }
+    table = CharTable.from_surfaces(surfaces, k=K, special_roles=roles, role_holders={9})
     lookup = TokenLookup(table)
     # "e" beats the normalized "é" despite the higher id; the exact 10-char token beats truncated ones;
-    # equal strings go to the lowest id; both other-specials share one symbol.
-    assert table.decodable.tolist() == [False, True, False, True, False, True, False, True, False, True]
-    q = torch.tensor([_row("e"), _row("abcdefghij"), _row("x"), [104] + [0] * 9, [100] + [0] * 9])
-    assert lookup.lookup(q).tolist() == [1, 3, 5, 7, 9]
+    # equal strings go to the lowest id. The role holder 9 is <eos> alone; the other specials are their
+    # symbol then their content: 10 and 11 agree in role and first 9 characters (10 wins, lower id), 12
+    # has 10's content under another role, 13's content is outside the table.
+    rows = {
+        7: ["<other-special>", *"<sep>"],
+        8: ["<other-special>", *"<mask>"],
+        9: ["<eos>"],
+        10: ["<eos>", *"<|endofte"],
+        11: ["<eos>", *"<|endofte"],
+        12: ["<other-special>", *"<|endofte"],
+    }
+    for t, symbols in rows.items():
+        assert table.token_chars[t].tolist() == ref_row(symbols), t
+    assert table.lengths[7:].tolist() == [6, 7, 1, 14, 16, 14, 2]
+    assert table.truncated[7:].tolist() == [False, False, False, True, True, True, False]
+    assert table.unknown[7:].tolist() == [False] * 6 + [True]
+    decodable = [False, True, False, True, False, True, False, True, True, True, True, False, True, False]
+    assert table.decodable.tolist() == decodable
+    q = torch.tensor(
+        [_row("e"), _row("abcdefghij"), _row("x")] + [ref_row(rows[t]) for t in (7, 8, 9, 11, 12)]
+    )
+    assert lookup.lookup(q).tolist() == [1, 3, 5, 7, 8, 9, 10, 12]
     only_truncated = CharTable.from_surfaces(["abcdefghijKL", "abcdefghijMN"], k=K)
     assert only_truncated.decodable.tolist() == [True, False]
     assert only_truncated.truncated.tolist() == [True, True]
