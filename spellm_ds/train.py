@@ -843,6 +843,11 @@ def _warm_start(run: Run) -> None:
     fit = warm_start_heads(
         run.engine, run.engine.module, batches(), iters=cfg.warm_start.iters, l2=cfg.warm_start.l2
     )
+    # The optimizer's fp32 master partitions were copied at initialize: copy the fitted heads into them,
+    # or the first step would write the old (zero) heads back.
+    refresh = getattr(run.engine.optimizer, "refresh_fp32_params", None)
+    if refresh is not None:
+        refresh()
     run.engine.train()
     fit["seconds"] = time.perf_counter() - t0
     if run.writer is not None:
