@@ -199,6 +199,11 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threshold", type=float, default=None, help="fallback threshold (default 0.22)")
     p.add_argument("--max-shard-gb", type=float, default=5.0, help="largest safetensors shard (default 5 GB)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing export in --output")
+    p.add_argument(
+        "--no-original-mlps",
+        action="store_true",
+        help="do not carry the trained MLPs' original weights (smaller; loads with the approximate fallback)",
+    )
     p.add_argument("--trust-remote-code", action="store_true", help="allow the base model's own code to run")
     p.set_defaults(func=_run_export)
 
@@ -217,6 +222,7 @@ def _run_export(args: argparse.Namespace) -> int:
         max_shard_bytes=int(args.max_shard_gb * 1024**3),
         overwrite=args.overwrite,
         trust_remote_code=args.trust_remote_code,
+        original_mlps=not args.no_original_mlps,
     )
     kind = "delta" if s.delta else "full"
     print(
@@ -240,7 +246,14 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--threshold", type=float, default=None, help="fallback threshold (default: the export's)")
-    p.add_argument("--no-fallback", action="store_true", help="never fall back to the original lm_head")
+    p.add_argument("--no-fallback", action="store_true", help="never fall back to the original model")
+    p.add_argument(
+        "--fallback",
+        default=None,
+        choices=["exact", "approximate"],
+        help="exact: the original model's prediction; approximate: the original lm_head on the student's "
+        "hidden state (default: exact where the export holds the original MLPs)",
+    )
     p.add_argument("--no-autocorrect", action="store_true", help="fall back instead of AutoCorrect on misses")
     p.add_argument("--base-model", default=None, metavar="DIR", help="base model of a delta export")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when present)")
@@ -265,7 +278,11 @@ def _run_generate(args: argparse.Namespace) -> int:
 
     device = _default_device(args.device)
     model = SpeLLMForCausalLM.from_pretrained(
-        args.model, base_model=args.base_model, device=device, trust_remote_code=args.trust_remote_code
+        args.model,
+        base_model=args.base_model,
+        device=device,
+        fallback=args.fallback,
+        trust_remote_code=args.trust_remote_code,
     )
     threshold = None if args.no_fallback else (model.threshold if args.threshold is None else args.threshold)
     gen = torch.Generator(device=device).manual_seed(args.seed) if args.temperature > 0 else None
@@ -279,7 +296,11 @@ def _run_generate(args: argparse.Namespace) -> int:
         generator=gen,
     )
     if args.json:
-        print(json.dumps({"texts": texts, "counters": out.counters, "threshold": threshold}))
+        print(
+            json.dumps(
+                {"texts": texts, "counters": out.counters, "threshold": threshold, "fallback": model.fallback}
+            )
+        )
         return 0
     for prompt, text in zip(args.prompt, texts):
         print(f"{prompt}{text}")
@@ -288,7 +309,7 @@ def _run_generate(args: argparse.Namespace) -> int:
     print(
         f"tokens {c['tokens']}: exact {c['exact']} ({100 * rates['exact']:.1f}%), autocorrect "
         f"{c['autocorrect']} ({100 * rates['autocorrect']:.1f}%), fallback {c['fallback']} "
-        f"({100 * rates['fallback']:.1f}%), threshold {threshold}"
+        f"({100 * rates['fallback']:.1f}% {model.fallback}), threshold {threshold}"
     )
     return 0
 
@@ -313,6 +334,13 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--max-samples", type=int, default=None)
     p.add_argument("--base-model", default=None, metavar="DIR", help="base model of a delta export")
+    p.add_argument(
+        "--fallback",
+        default=None,
+        choices=["exact", "approximate"],
+        help="fallback kind to evaluate and calibrate (default: the one the export loads with, exact where "
+        "it holds the original MLPs); the approximate figures are always reported too",
+    )
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when present)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code to run")
     p.set_defaults(func=_run_eval)
@@ -334,15 +362,28 @@ def _run_eval(args: argparse.Namespace) -> int:
         device=_default_device(args.device),
         base_model=args.base_model,
         trust_remote_code=args.trust_remote_code,
+        fallback=args.fallback,
     )
-    print(f"positions {res['positions']} ({res['samples']} samples)")
-    for key in (*JSON_KEYS, "exact_top1_autocorrect", "fallback_top1", "auroc_entropy_error_top1"):
+    print(f"positions {res['positions']} ({res['samples']} samples), {res['fallback']} fallback")
+    keys = (*JSON_KEYS, "exact_top1_autocorrect", "fallback_top1", "auroc_entropy_error_top1")
+    if res["fallback"] != "approximate":
+        keys += (
+            "fallback_top1_approximate",
+            "threshold_approximate",
+            "fallback_rate_approximate",
+            "agreement_top1_with_fallback_approximate",
+        )
+    for key in keys:
         val = res[key]
-        print(f"  {key:<34} {'n/a' if val is None else f'{val:.4f}'}")
+        print(f"  {key:<42} {'n/a' if val is None else f'{val:.4f}'}")
     reached = "reached" if res["target_reached"] else "NOT reached"
     print(f"  target top-1 agreement {res['target']} {reached}; plot {res['plot']}")
     if args.calibrate:
-        print(f"  threshold {res['threshold']:.4g} written to {args.model}/spellm_config.json")
+        rate = 100 * res["fallback_rate"]
+        print(
+            f"  threshold {res['threshold']:.4g} ({res['fallback']} fallback, {rate:.1f}% of positions fall "
+            f"back) written to {args.model}/spellm_config.json"
+        )
     return 0
 
 

@@ -18,13 +18,23 @@ teacher's top-5 for token t+1 (index 0 is the teacher's top-1; shards store them
 - `char_acc_per_head[i]`: head i's argmax symbol equals symbol i of the teacher top-1's row (positions
   whose top-1 is decodable); `char_acc` is their mean: the heads' agreement with the teacher top-1's k
   symbols, independent of token boundaries.
-- fallback path: the original lm_head's argmax on the student's final hidden state;
-  `fallback_top1` = its agreement with the teacher's top-1 over all positions.
+- fallback path, of the kind the export uses at inference (`fallback`: "exact" where the export holds
+  the original weights of its trained MLPs, else "approximate"; `--fallback` chooses):
+  exact: the original model's argmax (the original tail run over the whole sequence in one pass, see
+  `spellm_ds.inference`), i.e. the teacher's own prediction; approximate: the original lm_head's argmax
+  on the student's final hidden state. `fallback_top1` / `fallback_top5` = its agreement with the
+  teacher's top-1 / membership in the top-5, over all positions. On shards whose teacher is the base
+  model itself, the exact `fallback_top1` is 1 up to ties.
 - mean head entropy H (nats) per position. At threshold τ a position uses the char path with
   AutoCorrect when H ≤ τ and the fallback when H > τ (as `SpeLLMForCausalLM.decode_step` does).
   `threshold` is the largest τ whose top-1 agreement reaches `target` (i.e. the lowest fallback rate);
   when no τ reaches it, the τ of the highest agreement (`target_reached: false`). Negative τ means
-  "always fall back". `fallback_rate` and `agreement_top1_with_fallback` are at that τ.
+  "always fall back". `fallback_rate` and `agreement_top1_with_fallback` are at that τ; all of these use
+  the `fallback` kind.
+- the approximate fallback always, beside them: `fallback_top1_approximate`, `fallback_top5_approximate`,
+  `threshold_approximate`, `fallback_rate_approximate`, `agreement_top1_with_fallback_approximate`,
+  `target_reached_approximate`, `exact_or_prefix_top5_with_fallback_approximate` (equal to the
+  unsuffixed ones when `fallback` is "approximate").
 - `auroc_entropy_error_top1`: AUROC of H as a score for "the char path with AutoCorrect disagrees with
   teacher top-1" (ties count one half; the Mann-Whitney statistic); `..._top5` likewise for "not exact or
   prefix of any top-5".
@@ -32,9 +42,14 @@ teacher's top-5 for token t+1 (index 0 is the teacher's top-1; shards store them
   with count, share, `exact_top1` and `exact_or_prefix_top5` (with AutoCorrect) and `char_acc`;
   `by_entropy`: by bins of H, with count, share and the two token-level figures.
 
-Outputs: the metrics dict (and `--json`), a PNG of agreement and fallback rate against τ, TensorBoard
-scalars under `eval/` and the τ curve under `eval_threshold/` (step = τ in milli-nats), and with
-`calibrate` the chosen τ in the export's `spellm_config.json`.
+Outputs: the metrics dict (and `--json`); `curve`: on a grid of τ, `fallback_rate` (the same for both
+kinds: it depends on H alone), `agreement_top1` (the `fallback` kind), `agreement_top1_approximate` and,
+with the exact fallback, `agreement_top1_exact`; a PNG with agreement and fallback rate against τ and
+agreement against fallback rate, both kinds; TensorBoard scalars under `eval/` and the τ curve under
+`eval_threshold/` (one tag per curve key, step = τ in milli-nats); and with `calibrate` the chosen τ of
+the `fallback` kind in the export's `spellm_config.json` (`fallback_threshold`, the kind in
+`calibration.fallback`, every computed kind's τ in `fallback_thresholds`, which loading reads for the
+kind it uses).
 """
 
 from __future__ import annotations
@@ -214,8 +229,12 @@ def summarize(
     num_chars: int,
     target: float = 0.99,
     entropy_bins: tuple[float, ...] = DEFAULT_ENTROPY_BINS,
+    fallback: str = "approximate",
 ) -> dict[str, Any]:
-    """All metrics from per-position arrays (the keys `position_cases` returns)."""
+    """All metrics from per-position arrays (the keys `position_cases` returns).
+
+    `fallback` names the kind of `cases["fallback_top1"]`; `fallback_top1_approximate` (when given) adds
+    the approximate figures beside them."""
     n = len(cases["entropy"])
     if n == 0:
         raise SpellmError("no masked-in positions to evaluate")
@@ -223,7 +242,7 @@ def summarize(
     def mean(key: str) -> float:
         return float(np.mean(cases[key]))
 
-    res: dict[str, Any] = {"positions": n}
+    res: dict[str, Any] = {"positions": n, "fallback": fallback}
     for key in (
         "exact_top1",
         "exact_top5",
@@ -255,6 +274,19 @@ def summarize(
     res["exact_or_prefix_top5_with_fallback"] = float(
         np.where(on_fb, cases["fallback_top5"], cases["exact_or_prefix_top5_autocorrect"]).mean()
     )
+    approx_ok = cases.get("fallback_top1_approximate")
+    if approx_ok is not None:
+        res["fallback_top1_approximate"] = mean("fallback_top1_approximate")
+        res["fallback_top5_approximate"] = mean("fallback_top5_approximate")
+        cal_a = calibrate_threshold(cases["entropy"], char_ok, approx_ok, target)
+        for key in ("threshold", "fallback_rate", "agreement_top1_with_fallback", "target_reached"):
+            res[f"{key}_approximate"] = cal_a[key]
+        on_fb_a = cases["entropy"] > cal_a["threshold"]
+        res["exact_or_prefix_top5_with_fallback_approximate"] = float(
+            np.where(
+                on_fb_a, cases["fallback_top5_approximate"], cases["exact_or_prefix_top5_autocorrect"]
+            ).mean()
+        )
     flags = {
         "exact_top1": cases["exact_top1_autocorrect"],
         "exact_or_prefix_top5": cases["exact_or_prefix_top5_autocorrect"],
@@ -278,6 +310,12 @@ def summarize(
         "agreement_top1": agree.tolist(),
         "fallback_rate": rate.tolist(),
     }
+    if approx_ok is not None:
+        res["curve"]["agreement_top1_approximate"] = curve_at(cases["entropy"], char_ok, approx_ok, grid)[
+            0
+        ].tolist()
+    if fallback == "exact":
+        res["curve"]["agreement_top1_exact"] = agree.tolist()
     return res
 
 
@@ -293,7 +331,11 @@ def position_cases(
     from spellm_ds.inference import canonical_chars, mean_head_entropy
 
     dec = model.decoder
-    out = model(input_ids)
+    exact = getattr(model, "fallback", "approximate") == "exact"
+    if exact:
+        out, original = model.forward_with_original(input_ids)
+    else:
+        out = model(input_ids)
     mask = loss_mask.bool()
     hidden = out.hidden[mask]  # [N, d]
     logits = out.char_logits[mask].float()  # [N, k, C]
@@ -315,9 +357,14 @@ def position_cases(
     long_tokens = torch.from_numpy(long_np).to(topk.device)
     plain = match_flags(tokens, chars, topk, token_chars, decodable, long_tokens, dec.end_id)
     corrected = match_flags(ac_tokens, ac_chars, topk, token_chars, decodable, long_tokens, dec.end_id)
-    fb = torch.cat(
-        [model.lm_logits(hidden[i : i + lm_chunk]).argmax(-1) for i in range(0, len(hidden), lm_chunk)]
-    )
+
+    def lm_argmax(h: Tensor) -> Tensor:
+        return torch.cat(
+            [model.lm_logits(h[i : i + lm_chunk]).argmax(-1) for i in range(0, len(h), lm_chunk)]
+        )
+
+    fb_approx = lm_argmax(hidden)
+    fb = lm_argmax(original[mask]) if exact and original is not out.hidden else fb_approx
     v = token_chars.shape[0]
     top1 = topk[:, 0]
     top1_in = (top1 >= 0) & (top1 < v)
@@ -340,6 +387,8 @@ def position_cases(
         "any_prefix_top5_autocorrect": corrected["any_prefix_top5"],
         "fallback_top1": fb == top1,
         "fallback_top5": (fb[:, None] == topk).any(-1),
+        "fallback_top1_approximate": fb_approx == top1,
+        "fallback_top5_approximate": (fb_approx[:, None] == topk).any(-1),
         "char_ok": raw == token_chars[safe1],
         "head_valid": head_valid,
         "top1_length": top1_len,
@@ -386,8 +435,11 @@ def evaluate(
     base_model: str | os.PathLike | None = None,
     trust_remote_code: bool = False,
     progress: bool = True,
+    fallback: str | None = None,
 ) -> dict[str, Any]:
-    """Evaluate an export directory on held-out shards; write JSON, PNG, TensorBoard and calibration."""
+    """Evaluate an export directory on held-out shards; write JSON, PNG, TensorBoard and calibration.
+
+    `fallback`: the kind to evaluate and calibrate (None: the one the export loads with by default)."""
     from tqdm import tqdm
 
     from spellm_ds.inference import SpeLLMForCausalLM
@@ -400,7 +452,11 @@ def evaluate(
     location = Path(shards)
     index = read_index(location)
     model = SpeLLMForCausalLM.from_pretrained(
-        model_dir, base_model=base_model, device=device, trust_remote_code=trust_remote_code
+        model_dir,
+        base_model=base_model,
+        device=device,
+        fallback=fallback,
+        trust_remote_code=trust_remote_code,
     )
     want = model.spellm_config.get("tokenizer_hash")
     if want and index["tokenizer_hash"] != want:
@@ -427,7 +483,9 @@ def evaluate(
     if not parts:
         raise SpellmError(f"{location}: no samples to evaluate")
     cases = {key: np.concatenate(v) for key, v in parts.items()}
-    res = summarize(cases, k=model.table.k, num_chars=model.table.charset.size, target=target)
+    res = summarize(
+        cases, k=model.table.k, num_chars=model.table.charset.size, target=target, fallback=model.fallback
+    )
     res["samples"] = total
     res["model"] = str(Path(model_dir).resolve())
     res["shards"] = str(location)
@@ -455,17 +513,30 @@ def evaluate(
 
 
 def write_plot(res: dict[str, Any], path: str | os.PathLike) -> Path:
-    """PNG of top-1 agreement (with fallback) and fallback rate against the entropy threshold."""
+    """PNG: top-1 agreement and fallback rate against τ; top-1 agreement against fallback rate, both kinds."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     curve = res["curve"]
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    kind = res.get("fallback", "approximate")
+    fig, (ax, ax3) = plt.subplots(1, 2, figsize=(12, 4.2), dpi=110)
     ax.plot(
-        curve["threshold"], curve["agreement_top1"], color="tab:blue", label="agreement with teacher top-1"
+        curve["threshold"],
+        curve["agreement_top1"],
+        color="tab:blue",
+        label=f"agreement with teacher top-1 ({kind} fallback)",
     )
+    if kind != "approximate" and "agreement_top1_approximate" in curve:
+        ax.plot(
+            curve["threshold"],
+            curve["agreement_top1_approximate"],
+            color="tab:blue",
+            linestyle="--",
+            alpha=0.6,
+            label="approximate fallback",
+        )
     ax.set_xlabel("fallback threshold τ (mean head entropy, nats)")
     ax.set_ylabel("agreement with teacher top-1", color="tab:blue")
     ax.axhline(res["target"], color="tab:blue", linestyle=":", linewidth=1)
@@ -484,6 +555,30 @@ def write_plot(res: dict[str, Any], path: str | os.PathLike) -> Path:
     ax.set_title(
         f"exact-or-prefix top-5 {100 * res['exact_or_prefix_top5']:.1f}% "
         f"({100 * res['exact_or_prefix_top5_autocorrect']:.1f}% with AutoCorrect)",
+        fontsize=9,
+    )
+    # Agreement against the fallback rate it costs: one curve per kind, the calibrated point marked.
+    kinds = [(kind, curve["agreement_top1"], res["fallback_rate"], res["agreement_top1_with_fallback"])]
+    if kind != "approximate" and "agreement_top1_approximate" in curve:
+        kinds.append(
+            (
+                "approximate",
+                curve["agreement_top1_approximate"],
+                res["fallback_rate_approximate"],
+                res["agreement_top1_with_fallback_approximate"],
+            )
+        )
+    for (name, agree, rate, at), color in zip(kinds, ("tab:blue", "tab:orange")):
+        ax3.plot(curve["fallback_rate"], agree, color=color, label=f"{name} fallback")
+        ax3.plot([rate], [at], marker="o", color=color, linestyle="none")
+    ax3.axhline(res["target"], color="gray", linestyle=":", linewidth=1, label=f"target {res['target']:g}")
+    ax3.set_xlabel("fallback rate")
+    ax3.set_ylabel("agreement with teacher top-1")
+    ax3.set_xlim(0, 1.01)
+    ax3.legend(loc="lower right", fontsize=8)
+    ax3.set_title(
+        f"{kind} fallback: {100 * res['agreement_top1_with_fallback']:.1f}% at "
+        f"{100 * res['fallback_rate']:.1f}% fallback",
         fontsize=9,
     )
     fig.tight_layout()
@@ -505,7 +600,7 @@ def scalar_metrics(res: dict[str, Any]) -> dict[str, float]:
 
 
 def write_tensorboard(res: dict[str, Any], tb_dir: str | os.PathLike, step: int = 0) -> None:
-    """Scalars under `eval/` at `step`, the τ curve under `eval_threshold/` (step = τ in milli-nats)."""
+    """Scalars under `eval/` at `step`, the τ curves under `eval_threshold/` (step = τ in milli-nats)."""
     from torch.utils.tensorboard import SummaryWriter
 
     writer = SummaryWriter(str(tb_dir))
@@ -514,23 +609,30 @@ def write_tensorboard(res: dict[str, Any], tb_dir: str | os.PathLike, step: int 
             if math.isfinite(val):
                 writer.add_scalar(f"eval/{key}", val, step)
         curve = res["curve"]
-        for t, a, r in zip(curve["threshold"], curve["agreement_top1"], curve["fallback_rate"]):
-            writer.add_scalar("eval_threshold/agreement_top1", a, round(t * 1000))
-            writer.add_scalar("eval_threshold/fallback_rate", r, round(t * 1000))
+        for key, values in curve.items():
+            if key == "threshold":
+                continue
+            for t, v in zip(curve["threshold"], values):
+                writer.add_scalar(f"eval_threshold/{key}", v, round(t * 1000))
     finally:
         writer.close()
 
 
 def write_threshold(model_dir: str | os.PathLike, res: dict[str, Any], shards: Path) -> None:
-    """Record the calibrated threshold in the export's `spellm_config.json`."""
+    """Record the calibrated threshold of the evaluated fallback kind in `spellm_config.json`."""
     from spellm_ds.inference import SPELLM_CONFIG, read_spellm_config
 
     cfg = read_spellm_config(model_dir)
+    kind = res.get("fallback", "approximate")
     cfg["fallback_threshold"] = res["threshold"]
+    cfg["fallback_thresholds"] = {kind: res["threshold"]}
+    if "threshold_approximate" in res:
+        cfg["fallback_thresholds"]["approximate"] = res["threshold_approximate"]
     cfg["threshold_source"] = "calibrated"
     cfg["calibration"] = {
         "shards": str(shards),
         "positions": res["positions"],
+        "fallback": kind,
         "target": res["target"],
         "target_reached": res["target_reached"],
         "fallback_rate": res["fallback_rate"],

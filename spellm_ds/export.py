@@ -8,18 +8,30 @@ Layout of an export directory (`spellm-ds export --checkpoint CK --output OUT`):
     model.safetensors.index.json               the HF index (weight_map, total_size)
     tokenizer files                            the base model's tokenizer
     char_heads.safetensors                     tensor `weight` [k·|C|, d] (row i·|C| + c: head i, symbol c)
+    original_mlps.safetensors                  the original (teacher) values of the trained tensors, HF
+                                               names, export dtype: what the exact fallback runs
     charset.json                               the CharTable (spellm_ds.charset), verified against the
                                                checkpoint's charset hash
     spellm_config.json                         written last, so a directory without it is incomplete: k,
                                                num_chars, charset and tokenizer hashes, trained layers and
                                                tensors, fallback threshold (+ its source), source checkpoint,
-                                               tag and step, dtype, base model reference, training config
+                                               tag and step, dtype, base model reference, training config,
+                                               `original_mlps` (below)
 
 `AutoModelForCausalLM.from_pretrained(OUT)` loads the base model with its retrained MLPs (the char heads
 are ignored by it); `spellm_ds.inference.SpeLLMForCausalLM.from_pretrained(OUT)` loads everything.
 `--delta` writes only `delta.safetensors` (the trained base tensors, HF names), the char heads, charset,
 tokenizer and `spellm_config.json` with the base model's path and its config and weights hashes; loading
 checks them and applies the delta to that base.
+
+Original weights for the exact fallback (`spellm_ds.inference`). Training changes only the MLPs of the last
+N layers, so the teacher is the export with those tensors put back. A full export writes their original
+values to `original_mlps.safetensors`, read from the base model directory the checkpoint records (they
+are the frozen teacher's weights; the checkpoint holds only the trained ones); a delta export needs
+nothing more, as its base model holds them. `spellm_config.json` records it in `original_mlps`: the
+file name, `"base model"` for a delta, or null when the export was written without them
+(`original_mlps=False`, `--no-original-mlps`), which loads with the approximate fallback. The file costs
+the N MLPs' bytes (70B, N = 5, bf16: 7 GB).
 
 How tensors are read. The checkpoint is read directly, without a process group or the model: every
 rank's `*_model_states.pt` and `*_optim_states.pt` is opened with `torch.load(mmap=True,
@@ -67,6 +79,8 @@ from spellm_ds.inference import (
     DELTA_FILE,
     EXPORT_FORMAT,
     EXPORT_VERSION,
+    ORIGINAL_FROM_BASE,
+    ORIGINAL_MLPS_FILE,
     PAPER_THRESHOLD,
     SPELLM_CONFIG,
 )
@@ -505,6 +519,9 @@ class _Plan:
     info: dict[str, Any]
     threshold: float | None
     max_shard_bytes: int
+    originals: list[tuple[str, tuple[int, ...], torch.dtype]]  # the trained tensors, HF names
+    fetch_original: Callable[[str], Tensor]  # full export: one original (base model) tensor by HF name
+    original_mlps: bool = True  # the export carries the trained tensors' original weights
     trust_remote_code: bool = False
 
 
@@ -576,6 +593,12 @@ def _write_export(plan: _Plan, rank: int = 0, world: int = 1, progress: bool = T
             del t
             bar.update(1)
         writer.close()
+    write_originals = plan.original_mlps and not plan.delta
+    if write_originals and len(file_plan) % world == rank:
+        writer = SafetensorsWriter(out / ORIGINAL_MLPS_FILE, plan.originals)
+        for hf_name, _shape, dt in plan.originals:
+            writer.write(hf_name, plan.fetch_original(hf_name).to(dt))
+        writer.close()
     bar.close()
     heads_shape: tuple[int, ...] = ()
     if rank == 0:
@@ -589,9 +612,11 @@ def _write_export(plan: _Plan, rank: int = 0, world: int = 1, progress: bool = T
         if not plan.delta:
             _write_hf_config(plan.base_dir, out, _dtype_name(plan.dtype))
     _barrier(world)
-    files = [*file_names, CHAR_HEADS_FILE]
+    files = [*file_names, CHAR_HEADS_FILE] + ([ORIGINAL_MLPS_FILE] if write_originals else [])
     total = sum(_nbytes(e) for e in plan.entries)
     if rank == 0:
+        if not write_originals:
+            (out / ORIGINAL_MLPS_FILE).unlink(missing_ok=True)  # a stale one from an overwritten export
         if not plan.delta:
             _cleanup_stale_shards(out, set(file_names))
             if len(file_names) > 1:
@@ -636,6 +661,7 @@ def _spellm_config(plan: _Plan, files: list[str], heads_shape: tuple[int, ...]) 
     except (OSError, ValueError) as exc:
         raise SpellmError(f"{plan.base_dir}: cannot read config.json ({exc})") from None
     train_cfg = plan.info.get("train_config") or {}
+    held = (ORIGINAL_FROM_BASE if plan.delta else ORIGINAL_MLPS_FILE) if plan.original_mlps else None
     return {
         "format": EXPORT_FORMAT,
         "format_version": EXPORT_VERSION,
@@ -649,6 +675,7 @@ def _spellm_config(plan: _Plan, files: list[str], heads_shape: tuple[int, ...]) 
         "fallback_threshold": PAPER_THRESHOLD if plan.threshold is None else float(plan.threshold),
         "threshold_source": "default (paper)" if plan.threshold is None else "given at export",
         "delta": plan.delta,
+        "original_mlps": held,
         "dtype": _dtype_name(plan.dtype),
         "files": files,
         "frozen_from": plan.info.get("frozen_from"),
@@ -679,8 +706,11 @@ def export_checkpoint(
     overwrite: bool = False,
     trust_remote_code: bool = False,
     progress: bool = True,
+    original_mlps: bool = True,
 ) -> ExportSummary:
-    """Write an inference directory (full, or `delta`) from a ZeRO-3 checkpoint of any world size."""
+    """Write an inference directory (full, or `delta`) from a ZeRO-3 checkpoint of any world size.
+
+    `original_mlps`: also carry the trained tensors' original weights (exact fallback; module doc)."""
     rank, world = _rank_info()
     ck = ZeroCheckpoint.open(checkpoint, tag)
     meta = _meta(ck)
@@ -705,14 +735,15 @@ def export_checkpoint(
             f"{table.k}·{table.charset.size}"
         )
     from_base = not ck.has_frozen_fragments
-    base_files = _base_source(base_dir) if (from_base or delta) else {}
-    if delta:
-        names = trained
+    base_files = _base_source(base_dir) if (from_base or delta or original_mlps) else {}
+    if delta or original_mlps:
         missing = [_hf_name(n, ck.path) for n in trained if _hf_name(n, ck.path) not in base_files]
         if missing:
             raise SpellmError(
                 f"base model {base_dir} has no tensors {missing[:5]}: not this checkpoint's base"
             )
+    if delta:
+        names = trained
         buffers: dict[str, Tensor] = {}
     else:
         names = sorted(trained + frozen, key=_natural_key)
@@ -727,11 +758,12 @@ def export_checkpoint(
             return buffers[hf_name]
         name = source[hf_name]
         if name in ck.frozen and from_base:
-            from safetensors import safe_open
-
-            with safe_open(str(base_files[hf_name]), framework="pt") as fh:
-                return fh.get_tensor(hf_name)
+            return _base_tensor(base_files, hf_name)
         return ck.tensor(name)
+
+    originals = [(_hf_name(n, ck.path), tuple(ck.trainable[n]), out_dtype) for n in trained]
+    if original_mlps and not delta:
+        _check_original_shapes(base_dir, originals)
 
     out = Path(output)
     _prepare_output(out, overwrite, rank, world)
@@ -757,6 +789,9 @@ def export_checkpoint(
         threshold=threshold,
         max_shard_bytes=max_shard_bytes,
         trust_remote_code=trust_remote_code,
+        original_mlps=original_mlps,
+        originals=originals,
+        fetch_original=lambda hf_name: _base_tensor(base_files, hf_name),
     )
     return _write_export(plan, rank, world, progress)
 
@@ -774,8 +809,11 @@ def save_export(
     overwrite: bool = False,
     step: int | None = None,
     train_config: dict[str, Any] | None = None,
+    original_mlps: bool = True,
 ) -> ExportSummary:
-    """Write an inference directory from an in-memory (not partitioned) `SpeLLMModel` in one process."""
+    """Write an inference directory from an in-memory (not partitioned) `SpeLLMModel` in one process.
+
+    The original weights of the trained tensors (`original_mlps`) are read from `base_model`."""
     base_dir = Path(base_model)
     _check_base_dir(base_dir, "the model")
     params = dict(model.base.named_parameters())  # tied weights appear once
@@ -796,6 +834,14 @@ def save_export(
         ]
         entries += [(n, tuple(b.shape), b.dtype) for n, b in buffers.items()]
     tensors = {**params, **buffers}
+    originals = [(n, tuple(params[n].shape), out_dtype) for n in trained]
+    base_files: dict[str, Path] = {}
+    if original_mlps and not delta:
+        base_files = _base_source(base_dir)
+        missing = [n for n in trained if n not in base_files]
+        if missing:
+            raise SpellmError(f"base model {base_dir} has no tensors {missing[:5]}: not this model's base")
+        _check_original_shapes(base_dir, originals)
     out = Path(output)
     _prepare_output(out, overwrite, 0, 1)
     plan = _Plan(
@@ -812,8 +858,29 @@ def save_export(
         info={"frozen_from": "model", "step": step, "world_size": 1, "train_config": train_config or {}},
         threshold=threshold,
         max_shard_bytes=max_shard_bytes,
+        original_mlps=original_mlps,
+        originals=originals,
+        fetch_original=lambda name: _base_tensor(base_files, name),
     )
     return _write_export(plan, progress=False)
+
+
+def _base_tensor(base_files: dict[str, Path], hf_name: str) -> Tensor:
+    """One tensor of the base model by HF name (`base_files`: name → safetensors file)."""
+    from safetensors import safe_open
+
+    with safe_open(str(base_files[hf_name]), framework="pt") as fh:
+        return fh.get_tensor(hf_name)
+
+
+def _check_original_shapes(base_dir: Path, originals: list[tuple[str, tuple[int, ...], torch.dtype]]) -> None:
+    """Refuse a base model whose tensors for the trained names have other shapes than the trained ones."""
+    from spellm_ds.inference import _model_files, tensor_shapes
+
+    shapes = tensor_shapes(_model_files(base_dir))
+    bad = [f"{n} {shape} vs base {shapes.get(n)}" for n, shape, _ in originals if shapes.get(n) != shape]
+    if bad:
+        raise SpellmError(f"base model {base_dir} does not fit the trained tensors: " + "; ".join(bad[:5]))
 
 
 def _write_json(path: Path, obj: Any) -> None:

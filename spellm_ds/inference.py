@@ -12,9 +12,32 @@ Decode step (`SpeLLMForCausalLM.decode_step`, every row of a batch at once, no l
    END-padded row, `argmax_v Σ_i log p_i(chars[v, i])`. That is k `index_select`s of a `[N, |C|]` row
    over the `[k, V']` table of decodable tokens, summed: `O(N·k·V')` adds, no `[V, d]` matmul (a
    decodable token is one whose own row looks up to it, so the result always round-trips).
-5. Entropy fallback: `H = mean_i entropy(softmax(logits_i))`; rows with `H > threshold` take the argmax of
-   the original lm_head on the same hidden state. `threshold=None` never falls back on entropy; a negative
-   threshold falls back on every row (the base model's own decode).
+5. Entropy fallback: `H = mean_i entropy(softmax(logits_i))`; rows with `H > threshold` take the original
+   model's prediction instead (below). `threshold=None` never falls back on entropy; a negative threshold
+   falls back on every row (the base model's own decode).
+
+Two kinds of fallback (`SpeLLMForCausalLM.fallback`):
+
+- `"approximate"`: the original lm_head on the student's final hidden state. Once the MLPs of the last N
+  layers are retrained that state drifts, so this is not the teacher's prediction.
+- `"exact"`: the teacher's own prediction. The student differs from the teacher only in the MLPs of its
+  last N layers (layers L-N..L-1); their original weights are kept beside the trained ones
+  (`original_mlps`, no copy of attention or norms: those modules are shared). The *original tail* is
+  layers L-N..L-1 run with the original MLPs, then the final norm and the lm_head; fed the input of layer
+  L-N, which the student computes identically, it gives the teacher's distribution exactly. In
+  `generate` a forward pre-hook on layer L-N records its input for every new position; the original tail
+  has its own KV cache for those N layers only (`_TailKV`: per layer `[B, g, T_max, e]` by sequence
+  column, allocated at the first fallback). When a row falls back, the tail runs once over every position
+  of that row it has not processed yet (from the row's last catch-up, or the whole prompt at the first
+  one, up to the current position) and its last output is the fallback's hidden state. Rows that fall
+  back in the same step catch up in one batched pass from the smallest of their starts: for a row that
+  had caught up further, the extra positions are recomputed from the same recorded inputs (identical
+  K/V, overwritten). Recorded inputs are dropped once every row has processed them; a row that never
+  falls back keeps them all (at most `B·T·d`). Between fallbacks nothing extra runs. With `sync_free`
+  every row catches up every step (one position each), with no host read. The tail's attention gets an
+  additive 4-D mask built here (causal, left padding, sliding window by column as transformers builds
+  it), so it supports the `eager` and `sdpa` attention implementations. When N = 0 (heads only) the
+  student's hidden state is the teacher's and both kinds coincide.
 
 Host syncs. Counters (exact hits, AutoCorrect, fallback) are device tensors read once per `generate`
 call. By default a step reads back one pair of integers, how many rows need AutoCorrect and how many need
@@ -33,15 +56,22 @@ decides the fallback always comes from the untempered heads, as calibrated.
 
 Loading: `SpeLLMForCausalLM.from_pretrained(DIR)` reads an export directory (spellm_ds.export writes
 it); a delta export is applied on top of the base model its `spellm_config.json` records (or the one
-given). Every file is checked before the model is built, so a bad directory raises `SpellmError` and
-nothing is half-loaded. Torch files are never unpickled; remote code runs only with
-`trust_remote_code=True`.
+given). The original weights of the trained tensors come from `original_mlps.safetensors` of a full
+export, or from the base model itself before a delta is applied; `fallback=None` chooses `"exact"`
+where they are present and `"approximate"` otherwise, `fallback="approximate"` never loads them. The
+threshold is the one calibrated for that kind (`fallback_thresholds` in `spellm_config.json`) when
+recorded, else `fallback_threshold`. Every file is checked before the model is built, so a bad
+directory raises `SpellmError` and nothing is half-loaded. Torch files are never unpickled; remote
+code runs only with `trust_remote_code=True`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import json
 import os
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,6 +89,10 @@ SPELLM_CONFIG = "spellm_config.json"
 CHAR_HEADS_FILE = "char_heads.safetensors"
 CHARSET_FILE = "charset.json"
 DELTA_FILE = "delta.safetensors"
+ORIGINAL_MLPS_FILE = "original_mlps.safetensors"  # original weights of the trained tensors (full export)
+ORIGINAL_FROM_BASE = "base model"  # `original_mlps` of a delta export: the base model's own weights
+FALLBACK_KINDS = ("exact", "approximate")
+TAIL_ATTENTION = ("eager", "sdpa")  # attention implementations the original tail's 4-D mask supports
 EXPORT_FORMAT = "spellm-ds-export"
 EXPORT_VERSION = 1
 PAPER_THRESHOLD = 0.22  # mean head entropy (nats) the paper falls back above
@@ -106,6 +140,27 @@ def sample_logits(
     filtered = top_p_filter(logits.float() / temperature, top_p)
     probs = filtered.softmax(-1).reshape(-1, logits.shape[-1])
     return torch.multinomial(probs, 1, generator=generator).view(logits.shape[:-1])
+
+
+def tail_attention_mask(
+    key_mask: Tensor, start: int, q_len: int, window: int | None = None, dtype: torch.dtype = torch.float32
+) -> Tensor:
+    """Additive attention mask `[B, 1, q_len, T]` for queries at columns `start..start+q_len-1`.
+
+    `key_mask` Bool[B, T] marks real (not padding) columns; a query sees real columns at or before its
+    own, and with `window` only those after `column - window` (transformers' sliding-window rule). A
+    query that sees nothing (a padding column) gets a finite uniform row, never NaN.
+    """
+    t = key_mask.shape[1]
+    keys = torch.arange(t, device=key_mask.device)
+    queries = torch.arange(start, start + q_len, device=key_mask.device)
+    allowed = keys[None, :] <= queries[:, None]
+    if window is not None:
+        allowed = allowed & (keys[None, :] > queries[:, None] - window)
+    allowed = allowed[None] & key_mask[:, None, :].bool()
+    zero = torch.zeros((), dtype=dtype, device=key_mask.device)
+    low = torch.full((), torch.finfo(dtype).min, dtype=dtype, device=key_mask.device)
+    return torch.where(allowed, zero, low)[:, None]
 
 
 class CharDecoder:
@@ -169,6 +224,90 @@ class GenerateOutput:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Exact fallback: the original tail's KV cache and per-row catch-up state for one `generate` call
+
+
+class _TailKV:
+    """K/V of the original tail's layers for a batch, indexed by sequence column (allocated on first use)."""
+
+    def __init__(self, batch: int, capacity: int) -> None:
+        self.batch, self.capacity = batch, capacity
+        self.k: dict[int, Tensor] = {}
+        self.v: dict[int, Tensor] = {}
+
+    def view(self, rows: Tensor | None, start: int) -> _TailKVView:
+        """The cache object one catch-up hands to the tail's decoder layers (rows None: every row)."""
+        return _TailKVView(self, rows, start)
+
+
+class _TailKVView:
+    """Duck-typed transformers cache: `update` writes new K/V at columns `start..` of `rows` and returns
+    every column up to the last written one for those rows."""
+
+    def __init__(self, kv: _TailKV, rows: Tensor | None, start: int) -> None:
+        self.kv, self.rows, self.start = kv, rows, start
+
+    def update(
+        self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args: Any, **kwargs: Any
+    ) -> tuple[Tensor, Tensor]:
+        """Store this call's K/V `[n, g, q, e]` and return the layer's K/V of columns `0..start+q-1`."""
+        kv = self.kv
+        if layer_idx not in kv.k:
+            _, g, _, e = key_states.shape
+            kv.k[layer_idx] = key_states.new_zeros(kv.batch, g, kv.capacity, e)
+            kv.v[layer_idx] = value_states.new_zeros(kv.batch, g, kv.capacity, value_states.shape[-1])
+        k, v = kv.k[layer_idx], kv.v[layer_idx]
+        end = self.start + key_states.shape[2]
+        if end > kv.capacity:
+            raise RuntimeError(f"original-tail cache holds {kv.capacity} columns, asked for {end}")
+        if self.rows is None:
+            k[:, :, self.start : end] = key_states
+            v[:, :, self.start : end] = value_states
+            return k[:, :, :end], v[:, :, :end]
+        k[self.rows, :, self.start : end] = key_states
+        v[self.rows, :, self.start : end] = value_states
+        return k[self.rows, :, :end], v[self.rows, :, :end]
+
+
+class _ExactFallback:
+    """Per-row progress of the original tail during one `generate` call (see the module doc)."""
+
+    def __init__(self, owner: SpeLLMForCausalLM, batch: int, capacity: int) -> None:
+        self.owner = owner
+        self.seen = [0] * batch  # columns the original tail has processed, per row
+        self.chunks: list[tuple[int, Tensor]] = []  # (first column, layer L-N inputs [B, n, d])
+        self.columns = 0
+        self.kv = _TailKV(batch, capacity)
+        self.mask: Tensor | None = None  # Long[B, columns] the 2-D attention mask of the columns so far
+
+    def record(self, hidden: Tensor) -> None:
+        """Keep the layer L-N inputs `[B, n, d]` of the next n columns (called by the forward pre-hook)."""
+        self.chunks.append((self.columns, hidden))
+        self.columns += hidden.shape[1]
+
+    def hidden(self, rows: list[int] | None) -> Tensor:
+        """The original model's final normed hidden state `[n, d]` at the last column of `rows`."""
+        mask = self.mask
+        if mask is None or mask.shape[1] != self.columns:
+            raise RuntimeError("exact fallback: the attention mask does not match the recorded columns")
+        batch = len(self.seen)
+        ids = range(batch) if rows is None else rows
+        start = min(self.seen[r] for r in ids)
+        idx = None if rows is None or len(rows) == batch else torch.tensor(rows, device=mask.device)
+        pieces = [t[:, max(0, start - c0) :] for c0, t in self.chunks if c0 + t.shape[1] > start]
+        x = pieces[0] if len(pieces) == 1 else torch.cat(pieces, 1)
+        if idx is not None:
+            x, mask = x[idx], mask[idx]
+        position = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)[:, start:]
+        out = self.owner.original_tail(x, position, mask.bool(), start, self.kv.view(idx, start))
+        for r in ids:
+            self.seen[r] = self.columns
+        low = min(self.seen)
+        self.chunks = [(c0, t) for c0, t in self.chunks if c0 + t.shape[1] > low]
+        return out[:, -1]
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Export-directory checks shared with spellm_ds.export
 
 
@@ -224,7 +363,12 @@ def tensor_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
 
 
 class SpeLLMForCausalLM(nn.Module):
-    """A SpeLLM model for inference: HF base model, char heads, char table, entropy-fallback threshold."""
+    """A SpeLLM model for inference: HF base model, char heads, char table, entropy-fallback threshold.
+
+    `original_weights` (HF name → tensor) are the original values of the base tensors that training
+    changed (the MLPs of the last N layers; `{}` when none changed); with them the fallback can be
+    `"exact"`, the default when they are given (see the module doc).
+    """
 
     def __init__(
         self,
@@ -233,6 +377,9 @@ class SpeLLMForCausalLM(nn.Module):
         tokenizer: Any = None,
         threshold: float | None = PAPER_THRESHOLD,
         config: dict[str, Any] | None = None,
+        *,
+        original_weights: Mapping[str, Tensor] | None = None,
+        fallback: str | None = None,
     ) -> None:
         super().__init__()
         if table.k != model.k or table.charset.size != model.num_chars:
@@ -246,6 +393,63 @@ class SpeLLMForCausalLM(nn.Module):
         self.threshold = threshold
         self.spellm_config = dict(config or {})
         self._decoder: CharDecoder | None = None
+        if fallback is None:
+            fallback = "exact" if original_weights is not None else "approximate"
+        if fallback not in FALLBACK_KINDS:
+            raise SpellmError(f"fallback must be one of {', '.join(FALLBACK_KINDS)}, got {fallback!r}")
+        if fallback == "exact" and original_weights is None:
+            raise SpellmError(
+                "the exact fallback needs the original weights of the trained MLPs, and this model has none "
+                "(an export written without them): use fallback='approximate' or export again"
+            )
+        self.fallback = fallback
+        self.original_mlps = nn.ModuleList()  # original MLPs of layers tail_start..L-1 (exact fallback)
+        self.tail_start = len(model.layers)  # L - N: the first layer of the original tail
+        if fallback == "exact":
+            self._set_original_weights(original_weights or {})
+
+    def _set_original_weights(self, weights: Mapping[str, Tensor]) -> None:
+        """Build the original MLPs of layers L-N..L-1 from the original values of the trained tensors."""
+        layout, layers = self.model.layout, self.model.layers
+        prefix = f"{layout.layers}."
+        per_layer: dict[int, dict[str, Tensor]] = {}
+        bad = []
+        for name, tensor in weights.items():
+            index, _, inner = name[len(prefix) :].partition(".") if name.startswith(prefix) else ("", "", "")
+            if not index.isdigit() or int(index) >= len(layers) or not inner.startswith(f"{layout.mlp}."):
+                bad.append(name)
+                continue
+            per_layer.setdefault(int(index), {})[inner[len(layout.mlp) + 1 :]] = tensor
+        if bad or "." in layout.mlp:
+            raise SpellmError(
+                f"the exact fallback replaces trained MLPs ({prefix}<i>.{layout.mlp}.*) only; "
+                f"these trained tensors are not: {bad[:5]}"
+            )
+        if not per_layer:
+            return  # nothing trained below the heads: the student's hidden state is the teacher's
+        impl = getattr(self.model.base.config, "_attn_implementation", None)
+        if impl not in TAIL_ATTENTION:
+            raise SpellmError(
+                f"the exact fallback runs with {' or '.join(TAIL_ATTENTION)} attention, this model uses "
+                f"{impl!r}: load it with attn_implementation='sdpa' or use fallback='approximate'"
+            )
+        first = min(per_layer)
+        mlps = []
+        for i in range(first, len(layers)):
+            mlp = copy.deepcopy(getattr(layers[i], layout.mlp))
+            params = dict(mlp.named_parameters())
+            for pname, tensor in per_layer.get(i, {}).items():
+                if pname not in params or tuple(params[pname].shape) != tuple(tensor.shape):
+                    have = tuple(params[pname].shape) if pname in params else "no such tensor"
+                    raise SpellmError(
+                        f"original weight {prefix}{i}.{layout.mlp}.{pname} {tuple(tensor.shape)} does not "
+                        f"fit the model ({have})"
+                    )
+                with torch.no_grad():
+                    params[pname].copy_(tensor.to(params[pname].dtype))
+            mlps.append(mlp.requires_grad_(False))
+        self.original_mlps = nn.ModuleList(mlps)
+        self.tail_start = first
 
     # -- loading -------------------------------------------------------------------------------------------
 
@@ -258,9 +462,13 @@ class SpeLLMForCausalLM(nn.Module):
         device: str | torch.device = "cpu",
         dtype: torch.dtype | str | None = None,
         threshold: float | None = None,
+        fallback: str | None = None,
         trust_remote_code: bool = False,
     ) -> SpeLLMForCausalLM:
-        """Load an export directory (full, or delta on top of `base_model` / the recorded base)."""
+        """Load an export directory (full, or delta on top of `base_model` / the recorded base).
+
+        `fallback`: `"exact"`, `"approximate"`, or None for exact where the export holds the original
+        weights of the trained MLPs (see the module doc)."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from spellm_ds.charset import CharTable
@@ -271,6 +479,8 @@ class SpeLLMForCausalLM(nn.Module):
         root = Path(model_dir)
         if not root.is_dir():
             raise SpellmError(f"model directory {root} does not exist")
+        if fallback not in (None, *FALLBACK_KINDS):
+            raise SpellmError(f"fallback must be one of {', '.join(FALLBACK_KINDS)}, got {fallback!r}")
         cfg = read_spellm_config(root)
         table = CharTable.load(root / CHARSET_FILE, expected_hash=cfg["charset_hash"])
         k, num_chars = int(cfg["k"]), int(cfg["num_chars"])
@@ -295,15 +505,33 @@ class SpeLLMForCausalLM(nn.Module):
             raise SpellmError(
                 f"{root / CHAR_HEADS_FILE}: expected one tensor 'weight', found {sorted(heads)}"
             )
+        trained = list(cfg.get("trained_tensors") or [])
+        # Exports written before `original_mlps` existed: a delta's base model holds the originals.
+        source = cfg.get("original_mlps", ORIGINAL_FROM_BASE if cfg["delta"] else None)
         if cfg["delta"]:
             base_dir = Path(base_model or (cfg.get("base_model") or {}).get("path") or "")
             delta = load_safetensors(root / DELTA_FILE)
             _check_delta_base(base_dir, cfg, delta, root)
             weights_dir = base_dir
+            has_originals = source == ORIGINAL_FROM_BASE or not trained
         else:
             delta = {}
             weights_dir = root
             tensor_shapes(_model_files(root))  # every shard present and complete before loading
+            has_originals = bool(source) or not trained
+            if source and trained:
+                shapes = tensor_shapes([root / str(source)])
+                if set(shapes) != set(trained):
+                    raise SpellmError(
+                        f"{root / str(source)}: holds {sorted(shapes)[:5]}..., expected the trained tensors "
+                        f"{trained[:5]}..."
+                    )
+        if fallback == "exact" and not has_originals:
+            raise SpellmError(
+                f"{root} holds no original weights of its trained MLPs ({ORIGINAL_MLPS_FILE}), so the exact "
+                "fallback is not available: use fallback='approximate' or export again"
+            )
+        kind = fallback or ("exact" if has_originals else "approximate")
         if dtype is None:
             dtype = "auto"
         try:
@@ -312,6 +540,15 @@ class SpeLLMForCausalLM(nn.Module):
             )
         except (OSError, ValueError, RuntimeError) as exc:
             raise SpellmError(f"{weights_dir}: cannot load the model ({exc})") from None
+        originals: dict[str, Tensor] | None = None
+        if kind == "exact":
+            if not trained:
+                originals = {}
+            elif delta:  # the base model's own weights, before the delta replaces them
+                params = dict(base.named_parameters())
+                originals = {n: params[n].detach().clone() for n in delta if n in params}
+            else:
+                originals = load_safetensors(root / str(source))
         if delta:
             _apply_delta(base, delta, root / DELTA_FILE)
         d = base.config.hidden_size
@@ -325,9 +562,18 @@ class SpeLLMForCausalLM(nn.Module):
         with torch.no_grad():
             model.char_heads.weight.copy_(w.to(model.char_heads.weight.dtype))
         model.eval()
-        thr = cfg["fallback_threshold"] if threshold is None else threshold
-        out = cls(model, table, tokenizer=tokenizer, threshold=thr, config=cfg)
-        return out.to(device)
+        if threshold is None:
+            threshold = (cfg.get("fallback_thresholds") or {}).get(kind, cfg["fallback_threshold"])
+        out = cls(
+            model,
+            table,
+            tokenizer=tokenizer,
+            threshold=threshold,
+            config=cfg,
+            original_weights=originals,
+            fallback=kind,
+        )
+        return out.eval().to(device)
 
     # -- pieces --------------------------------------------------------------------------------------------
 
@@ -351,6 +597,85 @@ class SpeLLMForCausalLM(nn.Module):
         """Logits of the original lm_head on hidden states `[..., d]` (float32)."""
         return self.model.lm_head(hidden).float()
 
+    def original_tail(
+        self,
+        hidden: Tensor,
+        position_ids: Tensor,
+        key_mask: Tensor,
+        start: int = 0,
+        cache: Any = None,
+    ) -> Tensor:
+        """The original model's final normed hidden states `[n, q, d]` from layer L-N inputs `[n, q, d]`.
+
+        The inputs are columns `start..start+q-1`; `key_mask` Bool[n, start+q] marks real columns;
+        `cache` (the tail's KV view) holds the K/V of the columns before `start` (None: `start` is 0).
+        """
+        from spellm_ds.model import _get
+
+        if not len(self.original_mlps):
+            raise SpellmError("this model has no original tail (approximate fallback, or nothing trained)")
+        layers = self.model.layers
+        config = self.model.base.config
+        if config._attn_implementation not in TAIL_ATTENTION:
+            raise SpellmError(
+                f"the original tail runs with {' or '.join(TAIL_ATTENTION)} attention, not "
+                f"{config._attn_implementation!r}"
+            )
+        cache_kw = _cache_kwarg(layers[self.tail_start])
+        position_embeddings = self.model.body.rotary_emb(hidden, position_ids)
+        masks: dict[int | None, Tensor] = {}
+        x = hidden
+        for offset, mlp in enumerate(self.original_mlps):
+            layer = _with_module(layers[self.tail_start + offset], self.model.layout.mlp, mlp)
+            window = _sliding_window(layer, config)
+            if window not in masks:
+                masks[window] = tail_attention_mask(key_mask, start, x.shape[1], window, x.dtype)
+            kw = {} if cache is None else {cache_kw: cache, "use_cache": True}
+            out = layer(
+                x,
+                attention_mask=masks[window],
+                position_ids=position_ids,
+                position_embeddings=position_embeddings,
+                **kw,
+            )
+            x = out[0] if isinstance(out, tuple) else out
+        return _get(self.model.base, self.model.layout.norm)(x)
+
+    @torch.inference_mode()
+    def forward_with_original(
+        self, input_ids: Tensor, attention_mask: Tensor | None = None
+    ) -> tuple[Any, Tensor]:
+        """The student's output and the original model's final normed hidden state `[B, T, d]` (exact)."""
+        if self.fallback != "exact":
+            raise SpellmError("forward_with_original needs the exact fallback (this model is approximate)")
+        if not len(self.original_mlps):
+            out = self.model(input_ids, attention_mask=attention_mask)
+            return out, out.hidden
+        recorded: list[Tensor] = []
+        with self._recording(recorded.append):
+            out = self.model(input_ids, attention_mask=attention_mask)
+        b, t = input_ids.shape
+        keys = (
+            torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        )
+        position = torch.arange(t, device=input_ids.device).expand(b, t)  # the body's own default
+        return out, self.original_tail(recorded[0], position, keys)
+
+    @contextlib.contextmanager
+    def _recording(self, sink: Callable[[Tensor], None]) -> Iterator[None]:
+        """While inside, every input of layer L-N (the first trained layer) goes to `sink`."""
+        target = self.model.layers[self.tail_start]
+
+        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            if module is target:  # not the original tail's twin of this layer, which shares its hooks
+                sink(args[0] if args else kwargs["hidden_states"])
+
+        handle = target.register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            yield
+        finally:
+            handle.remove()
+
     @torch.inference_mode()
     def decode_step(
         self,
@@ -362,8 +687,13 @@ class SpeLLMForCausalLM(nn.Module):
         top_p: float = 1.0,
         generator: torch.Generator | None = None,
         sync_free: bool = False,
+        fallback_hidden: Callable[[list[int] | None], Tensor] | None = None,
     ) -> DecodeResult:
-        """Choose the next token for each row of final hidden states `[N, d]` (see the module doc)."""
+        """Choose the next token for each row of final hidden states `[N, d]` (see the module doc).
+
+        `fallback_hidden(rows)` gives the hidden states `[n, d]` the lm_head takes for falling-back rows
+        (a sorted list; None: every row); by default the rows of `hidden` (the approximate fallback).
+        """
         thr = self.threshold if threshold == "default" else threshold
         dec = self.decoder
         w = self.model.char_heads.weight
@@ -387,21 +717,32 @@ class SpeLLMForCausalLM(nn.Module):
             if autocorrect:
                 ac = self._autocorrect(logits, logp, temperature, top_p, generator)
                 tokens = torch.where(need_ac, ac, tokens)
-            fb = self._fallback(hidden, temperature, top_p, generator)
+            fb_hidden = hidden if fallback_hidden is None else fallback_hidden(None)
+            fb = self._fallback(fb_hidden, temperature, top_p, generator)
             tokens = torch.where(need_fb, fb, tokens)
         else:
-            # The one host read of the step: how many rows need AutoCorrect and the fallback. Only those
-            # rows are gathered and run through the AutoCorrect table and the full-vocabulary lm_head.
-            n_ac, n_fb = torch.stack([need_ac.sum(), need_fb.sum()]).tolist()
+            # The one host read of the step: how many rows need AutoCorrect and the fallback (with
+            # `fallback_hidden`, which rows fall back). Only those rows are gathered and run through the
+            # AutoCorrect table and the full-vocabulary lm_head.
+            fb_rows: list[int] | None = None
+            if fallback_hidden is None:
+                n_ac, n_fb = torch.stack([need_ac.sum(), need_fb.sum()]).tolist()
+            else:
+                flags = torch.cat([need_ac.sum().view(1), need_fb.long()]).tolist()
+                n_ac, fb_rows = flags[0], [i for i, f in enumerate(flags[1:]) if f]
+                n_fb = len(fb_rows)
             if n_ac:
                 rows = torch.argsort((~need_ac).to(torch.int8), stable=True)[:n_ac]
                 ac = self._autocorrect(logits[rows], logp[rows], temperature, top_p, generator)
                 tokens = tokens.index_put((rows,), ac)
             if n_fb:
-                rows = torch.argsort((~need_fb).to(torch.int8), stable=True)[:n_fb]
-                tokens = tokens.index_put(
-                    (rows,), self._fallback(hidden[rows], temperature, top_p, generator)
-                )
+                if fallback_hidden is not None and fb_rows is not None:
+                    rows = torch.tensor(fb_rows, device=hidden.device)
+                    fb_hidden = fallback_hidden(fb_rows)
+                else:
+                    rows = torch.argsort((~need_fb).to(torch.int8), stable=True)[:n_fb]
+                    fb_hidden = hidden[rows]
+                tokens = tokens.index_put((rows,), self._fallback(fb_hidden, temperature, top_p, generator))
         return DecodeResult(tokens=tokens, path=path, entropy=entropy, chars=chars)
 
     def _autocorrect(
@@ -448,6 +789,7 @@ class SpeLLMForCausalLM(nn.Module):
         A row ends at its first EOS (`eos_token_id`, default: the model's generation config; `[]` for none)
         and is padded with `pad_token_id` after it; the loop stops once every row ended (checked every
         `eos_check_every` steps: with `sync_free=True` and a large value a step reads nothing back).
+        Fallback rows take the model's `fallback` kind (exact: the original tail catches up, module doc).
         """
         if max_new_tokens < 1 or eos_check_every < 1:
             raise SpellmError(
@@ -457,6 +799,47 @@ class SpeLLMForCausalLM(nn.Module):
             raise SpellmError(f"temperature must be >= 0 and top_p in (0, 1], got {temperature}, {top_p}")
         device = self.device
         input_ids = input_ids.to(device)
+        b = input_ids.shape[0]
+        thr = self.threshold if threshold == "default" else threshold
+        exact: _ExactFallback | None = None
+        if self.fallback == "exact" and len(self.original_mlps) and (thr is not None or not autocorrect):
+            exact = _ExactFallback(self, b, input_ids.shape[1] + max_new_tokens)
+        with self._recording(exact.record) if exact else contextlib.nullcontext():
+            return self._generate(
+                input_ids,
+                attention_mask,
+                exact,
+                max_new_tokens=max_new_tokens,
+                temperature=temperature,
+                top_p=top_p,
+                threshold=thr,
+                autocorrect=autocorrect,
+                eos_token_id=eos_token_id,
+                pad_token_id=pad_token_id,
+                generator=generator,
+                sync_free=sync_free,
+                eos_check_every=eos_check_every,
+            )
+
+    def _generate(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None,
+        exact: _ExactFallback | None,
+        *,
+        max_new_tokens: int,
+        temperature: float,
+        top_p: float,
+        threshold: float | None,
+        autocorrect: bool,
+        eos_token_id: int | list[int] | None,
+        pad_token_id: int | None,
+        generator: torch.Generator | None,
+        sync_free: bool,
+        eos_check_every: int,
+    ) -> GenerateOutput:
+        """The decode loop of `generate` (arguments checked and resolved there)."""
+        device = self.device
         b = input_ids.shape[0]
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device).long()
         eos_ids = self._eos_ids(eos_token_id)
@@ -475,6 +858,8 @@ class SpeLLMForCausalLM(nn.Module):
         new_tokens: list[Tensor] = []
         new_paths: list[Tensor] = []
         for step in range(max_new_tokens):
+            if exact is not None:
+                exact.mask = mask
             res = self.decode_step(
                 hidden,
                 threshold=threshold,
@@ -483,6 +868,7 @@ class SpeLLMForCausalLM(nn.Module):
                 top_p=top_p,
                 generator=generator,
                 sync_free=sync_free,
+                fallback_hidden=None if exact is None else exact.hidden,
             )
             active = ~done
             counts += (F.one_hot(res.path, len(PATH_NAMES)) * active[:, None]).sum(0)
@@ -552,6 +938,21 @@ class SpeLLMForCausalLM(nn.Module):
             if pid is not None:
                 return int(pid)
         return eos_ids[0] if eos_ids else 0
+
+
+def _with_module(layer: nn.Module, name: str, module: nn.Module) -> nn.Module:
+    """A shallow twin of `layer` whose child `name` is `module`; every other child is shared."""
+    twin = copy.copy(layer)
+    twin.__dict__["_modules"] = {**layer._modules, name: module}
+    return twin
+
+
+def _sliding_window(layer: nn.Module, config: Any) -> int | None:
+    """The sliding window of a decoder layer's attention (Qwen2: per layer; Mistral: the config's)."""
+    attn = getattr(layer, "self_attn", None)
+    if attn is not None and hasattr(attn, "sliding_window"):
+        return attn.sliding_window
+    return getattr(config, "sliding_window", None)
 
 
 def _cache_kwarg(body: nn.Module) -> str:

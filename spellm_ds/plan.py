@@ -51,6 +51,14 @@ Activations per GPU (bf16, fused/flash attention so no S² term, no activation c
                                             fp32 logits and their gradient
     peak = B·S·(N·tail + head + transient) + chunk
 
+Inference with the exact fallback (spellm_ds.inference), not part of the training figures: beside the
+model, the GPU that holds its last N layers keeps the original MLPs of those layers, the original tail's
+own KV cache and the recorded inputs of layer L-N, in bf16 for B sequences of S tokens (the plan's
+micro-batch and sequence length):
+    exact fallback = 2·N·mlp + 2·2·N·g·e·B·S + 2·d·B·S
+                     original MLPs, K and V of N layers, layer L-N inputs (an upper bound: a sequence
+                     keeps them only for positions the original tail has not processed yet)
+
 Fit: model states + gather working set + activations + reserve (CUDA context, NCCL buffers,
 allocator fragmentation; default 4 GiB) ≤ GPU memory. Activations are linear in B, so the largest
 micro-batch that fits is ⌊(GPU memory − everything else) / (peak activations per sample)⌋.
@@ -303,6 +311,7 @@ class Plan:
     gather_with_hpz: Gather
     reduce_scatter_bytes: int
     max_micro_batch: int
+    exact_fallback_bytes: int = 0  # inference, not in the total: original MLPs + tail KV + pending inputs
     extra: dict = field(default_factory=dict)
 
     @property
@@ -411,6 +420,10 @@ def make_plan(model: ModelShape, inputs: PlanInputs) -> Plan:
         with_hpz = without
     fixed = params_bytes + hpz_bytes + grads_bytes + optim_bytes + working + reserve + chunk
     max_mb = max(0, (gpu - fixed) // per_sample)
+    infer_tokens = inputs.micro_batch * inputs.seq_len
+    exact_fallback = (
+        BF16 * n * model.mlp_params + BF16 * 2 * n * kvdim * infer_tokens + BF16 * d * infer_tokens
+    )
     return Plan(
         model=model,
         inputs=inputs,
@@ -437,6 +450,7 @@ def make_plan(model: ModelShape, inputs: PlanInputs) -> Plan:
         gather_with_hpz=with_hpz,
         reduce_scatter_bytes=BF16 * a * trainable * (w - 1) // w,
         max_micro_batch=int(max_mb),
+        exact_fallback_bytes=exact_fallback,
         extra={"hpz_for_traffic": hp},
     )
 
@@ -485,6 +499,8 @@ def format_plan(plan: Plan) -> str:
         f"  regulariser chunk           {_gib(plan.activation_fixed_bytes)}",
         f"  reserve                     {_gib(plan.reserve_bytes)}",
         f"  total                       {_gib(plan.total_bytes)} of {_gib(plan.gpu_bytes).strip()}",
+        f"  exact fallback, inference   {_gib(plan.exact_fallback_bytes)}   (not in total: "
+        f"{i.trainable_layers} original MLPs + KV, {i.micro_batch} x {i.seq_len} tokens)",
         "",
         "all-gather per GPU per optimizer step (bytes received)",
         _row(f"without hpZ: {i.world_size} GPUs", plan.gather_without_hpz.global_bytes)

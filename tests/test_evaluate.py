@@ -342,3 +342,74 @@ def test_eval_refuses_other_tokenizer(export_dir, shards, tmp_path):
     (other / "index.json").write_text(json.dumps(index))
     with pytest.raises(SpellmError, match="not this model's data"):
         evaluate(export_dir, other, progress=False)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Exact and approximate fallback
+
+
+@pytest.fixture(scope="module")
+def moved_exports(tiny_llama, shards, tmp_path_factory):
+    """Exports of a student whose last 2 MLPs moved away from the teacher, with and without the originals."""
+    tok = AutoTokenizer.from_pretrained(str(tiny_llama))
+    table = CharTable.build(tok, k=10, vocab_size=len(tok))
+    model = build_spellm_model(tiny_llama, k=10, num_chars=table.charset.size, trainable_layers=2).eval()
+    gen = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for p in model.base.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=gen) * 0.5 * p.std())
+    probe_heads(model, table, shards[1][: SAMPLES // 2])
+    root = tmp_path_factory.mktemp("moved")
+    save_export(model, table, root / "exact", base_model=tiny_llama, step=3)
+    save_export(model, table, root / "approx", base_model=tiny_llama, step=3, original_mlps=False)
+    return root
+
+
+def test_eval_reports_exact_and_approximate_fallback(moved_exports, shards, tmp_path, capsys):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    loc, batch, topk = shards
+    export = moved_exports / "exact"
+    jpath, tb = tmp_path / "eval.json", tmp_path / "tb"
+    args = ["eval", "--model", str(export), "--shards", str(loc), "--json", str(jpath), "--tb-dir", str(tb)]
+    assert cli_main([*args, "--calibrate", "--target", "0.97"]) == 0, capsys.readouterr().err
+    res = json.loads(jpath.read_text())
+    # Independent: the approximate fallback is the student's own logits (plain transformers on the full
+    # export, which holds the moved MLPs); the exact one is the teacher, whose argmax the shards hold.
+    student = AutoModelForCausalLM.from_pretrained(str(export)).eval()
+    with torch.no_grad():
+        approx_top1 = (student(batch).logits.argmax(-1) == topk[..., 0]).float().mean().item()
+    assert res["fallback"] == "exact"
+    assert res["fallback_top1"] == 1.0 and res["fallback_top5"] == 1.0
+    assert res["fallback_top1_approximate"] == pytest.approx(approx_top1) and approx_top1 < 0.9
+    # The exact fallback always agrees with the teacher, so any target is within reach.
+    assert res["target_reached"] and res["agreement_top1_with_fallback"] >= 0.97
+    curve = res["curve"]
+    assert curve["agreement_top1"] == curve["agreement_top1_exact"]
+    assert len(curve["agreement_top1_approximate"]) == len(curve["threshold"])
+    assert all(e >= a for e, a in zip(curve["agreement_top1_exact"], curve["agreement_top1_approximate"]))
+    # --calibrate took the exact kind's threshold and recorded both; loading picks the one of its kind.
+    cfg = json.loads((export / "spellm_config.json").read_text())
+    assert cfg["calibration"]["fallback"] == "exact" and cfg["fallback_threshold"] == res["threshold"]
+    assert cfg["fallback_thresholds"] == {
+        "exact": res["threshold"],
+        "approximate": res["threshold_approximate"],
+    }
+    assert SpeLLMForCausalLM.from_pretrained(export).threshold == res["threshold"]
+    approx = SpeLLMForCausalLM.from_pretrained(export, fallback="approximate")
+    assert approx.threshold == res["threshold_approximate"]
+    acc = EventAccumulator(str(tb))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    for key in ("agreement_top1", "agreement_top1_exact", "agreement_top1_approximate", "fallback_rate"):
+        assert len(acc.Scalars(f"eval_threshold/{key}")) == len(curve["threshold"]), key
+    assert {"eval/fallback_top1", "eval/fallback_top1_approximate", "eval/threshold_approximate"} <= tags
+    out = capsys.readouterr().out
+    assert "exact fallback" in out and "fallback_top1_approximate" in out and "fall back)" in out
+    # An export without the original MLPs is evaluated with the approximate fallback, the same figures.
+    plain = evaluate(moved_exports / "approx", loc, plot=tmp_path / "a.png", progress=False)
+    assert plain["fallback"] == "approximate" and "agreement_top1_exact" not in plain["curve"]
+    for key in ("fallback_top1", "threshold", "fallback_rate", "agreement_top1_with_fallback"):
+        assert plain[key] == plain[f"{key}_approximate"] == pytest.approx(res[f"{key}_approximate"]), key
+    assert (tmp_path / "a.png").read_bytes()[:4] == b"\x89PNG"

@@ -1,7 +1,9 @@
 """Export of a real 2-rank ZeRO-3 checkpoint (made by torchrun): full and delta exports equal DeepSpeed's own
 consolidation tensor for tensor, a fresh model differs before loading and equals after, frozen tensors
 taken from the base model equal the checkpoint's, a 2-process export writes the same bytes as a
-1-process one, and bad input (existing output, a delta on a base of other shapes) is refused.
+1-process one, and bad input (existing output, a delta on a base of other shapes) is refused. Both
+kinds carry the trained MLPs' original weights (the base model's, read directly here), so they load
+with the exact fallback, whose logits are the base model's; without them an export loads approximate.
 
 Run alone: `.venv/bin/python -m pytest tests/test_export.py -q` (about a minute: two torchrun launches).
 """
@@ -52,9 +54,8 @@ def full_export(checkpoint, tmp_path_factory):
 
 def _exported_tensors(out):
     tensors = {}
-    for f in sorted(out.glob("*.safetensors")):
-        if f.name != "char_heads.safetensors":
-            tensors.update(load_file(str(f)))
+    for f in sorted(out.glob("model*.safetensors")):
+        tensors.update(load_file(str(f)))
     return tensors
 
 
@@ -176,7 +177,7 @@ def test_two_rank_export_writes_the_same_bytes(checkpoint, full_export, tmp_path
     assert proc.returncode == 0, proc.stderr[-3000:]
     names = sorted(p.name for p in full_export.glob("model*.safetensors*"))
     assert names == sorted(p.name for p in out.glob("model*.safetensors*"))
-    for name in [*names, "char_heads.safetensors"]:
+    for name in [*names, "char_heads.safetensors", "original_mlps.safetensors"]:
         assert (out / name).read_bytes() == (full_export / name).read_bytes(), name
 
 
@@ -190,3 +191,42 @@ def test_cli_export_refuses_existing_output_and_generates(checkpoint, full_expor
     assert rc == 0
     out = capsys.readouterr().out
     assert out.startswith("The module") and "tokens 4: exact" in out
+
+
+def test_exports_carry_the_original_mlps(checkpoint, full_export, consolidated, tiny_llama, tmp_path):
+    """The original weights are the base model's; loaded, the exact fallback is the base model's logits."""
+    base_file = load_file(str(tiny_llama / "model.safetensors"))
+    trained = {
+        k[len("base.") :] for k in consolidated if ".mlp." in k and ("layers.4." in k or "layers.5." in k)
+    }
+    cfg = json.loads((full_export / "spellm_config.json").read_text())
+    assert cfg["original_mlps"] == "original_mlps.safetensors" and set(cfg["trained_tensors"]) == trained
+    originals = load_file(str(full_export / "original_mlps.safetensors"))
+    assert set(originals) == trained
+    for name in trained:
+        assert torch.equal(originals[name], base_file[name]), name
+        assert not torch.equal(originals[name], consolidated["base." + name]), name  # training moved them
+    delta = tmp_path / "delta"
+    export_checkpoint(checkpoint, delta, delta=True, progress=False)
+    assert json.loads((delta / "spellm_config.json").read_text())["original_mlps"] == "base model"
+    assert not (delta / "original_mlps.safetensors").exists()
+    ids = torch.randint(
+        0, len(base_file["model.embed_tokens.weight"]), (2, 10), generator=torch.Generator().manual_seed(1)
+    )
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_llama)).eval()
+    with torch.no_grad():
+        want = base(ids).logits
+    for out in (full_export, delta):
+        model = SpeLLMForCausalLM.from_pretrained(out)
+        assert model.fallback == "exact" and model.tail_start == 4
+        student, original = model.forward_with_original(ids)
+        torch.testing.assert_close(model.lm_logits(original), want, rtol=0, atol=1e-5)
+        assert (model.lm_logits(student.hidden) - want).abs().max() > 1e-3
+    bare = tmp_path / "bare"
+    assert (
+        cli_main(["export", "--checkpoint", str(checkpoint), "--output", str(bare), "--no-original-mlps"])
+        == 0
+    )
+    assert json.loads((bare / "spellm_config.json").read_text())["original_mlps"] is None
+    assert not (bare / "original_mlps.safetensors").exists()
+    assert SpeLLMForCausalLM.from_pretrained(bare).fallback == "approximate"

@@ -123,6 +123,22 @@ def test_tail_resident_trades_memory_for_backward_gathers():
     assert base.gather_without_hpz.global_bytes == 2 * 8 * (total + bwd) * 31 // 32
 
 
+def test_exact_fallback_inference_memory_by_hand():
+    """Llama-3-70B, N = 5, 2 x 2048 tokens: 5 original MLPs + K/V of 5 layers + layer L-N inputs."""
+    d, f, kvdim = 8192, 28672, 8 * 128
+    plan = make_plan(
+        load_model_shape(CFG_70B), PlanInputs(nodes=4, gpus_per_node=8, seq_len=2048, micro_batch=2)
+    )
+    mlps = 5 * 3 * d * f * 2  # bf16
+    kv = 5 * 2 * kvdim * 2 * 2048 * 2  # K and V, 5 layers, bf16, 2 x 2048 tokens
+    inputs = d * 2 * 2 * 2048
+    assert plan.exact_fallback_bytes == mlps + kv + inputs
+    assert plan.exact_fallback_bytes / GIB == pytest.approx(6.703125)
+    training = plan.model_state_bytes + plan.gather_working_bytes + plan.activation_bytes + plan.reserve_bytes
+    assert plan.total_bytes == training  # not part of the training total
+    assert plan.to_dict()["exact_fallback_bytes"] == plan.exact_fallback_bytes
+
+
 def test_does_not_fit_reports_zero_micro_batch():
     """70B on one 8 x 40 GiB node without hpZ: parameters alone exceed memory."""
     plan = make_plan(load_model_shape(CFG_70B), PlanInputs(nodes=1, gpus_per_node=8, gpu_mem_gib=16))
@@ -226,6 +242,8 @@ def test_cli_text_and_json(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "70,562,308,096" in out.stdout
     assert "FITS at micro-batch 1; largest micro-batch that fits: 6" in out.stdout
+    # 5 original MLPs (6.56 GiB) + K/V of 5 layers and layer L-N inputs for 1 x 4096 tokens
+    assert "exact fallback, inference       6.70 GiB   (not in total: 5 original MLPs + KV" in out.stdout
     js = _cli("--model-config", str(CFG_70B), "--nodes", "4", "--gpus-per-node", "8", "--json")
     data = json.loads(js.stdout)
     assert data["trainable_params"] == 3_531_816_960
