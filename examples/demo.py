@@ -60,27 +60,36 @@ class DemoConfig:
     """Sizes and paths of one demo run (defaults: the `make demo` run)."""
 
     out: str = "runs/demo"  # every artefact and the report go here
-    teacher: str | None = None  # any local HF causal LM dir; None trains the demo teacher
-    teacher_args: list[str] = field(default_factory=list)  # extra `data_prep.demo_teacher` flags
+    teacher: str | None = None  # any local HF causal LM dir; None uses `teacher_kind`
+    teacher_kind: str = "smollm2"  # smollm2: the real pretrained teacher; toy: the self-trained one
+    teacher_args: list[str] = field(default_factory=list)  # extra flags of the teacher's data_prep module
     train_input: list[str] = field(default_factory=list)  # with --teacher: training text (globs)
     heldout_input: list[str] = field(default_factory=list)  # with --teacher: held-out text (globs)
     seq_len: int = 256
-    train_samples: int = 2400  # sequences of teacher shards for training (one epoch of 150 steps x 16)
-    heldout_samples: int = 256
-    samples_per_shard: int = 200
+    train_samples: int = 640  # sequences of teacher shards for training (one epoch of 80 steps x 8)
+    heldout_samples: int = 64
+    samples_per_shard: int = 64
     build_batch: int = 16
     ranks: int = 2
     config: str = "configs/demo_cpu.yaml"
     overrides: list[str] = field(default_factory=list)  # extra `key=value` for the run config
-    prompts: int = 3
-    new_tokens: int = 48
+    prompts: int = 64  # held-out shard prompts of the generation comparison
+    prompt_tokens: int = 48  # ids per shard prompt
+    new_tokens: int = 32  # greedy tokens per shard prompt (the text prompts get 48)
     shards_tag: str = ""  # suffix of the shard stages and directories (the bench's own sizes)
     teacher_dir: str | None = None  # where the demo teacher lives (default: <out>/teacher)
     echo: bool = True  # stream each stage's output to the terminal
 
 
+TEXT_PROMPTS = (
+    "The capital of France is",
+    "def fibonacci(n):\n",
+    "To list every file in the current directory, including hidden ones, run:\n$ ls",
+)
+
+
 def teacher_stage(runner: StageRunner, cfg: DemoConfig, out: Path) -> tuple[Path, dict[str, Any], list, list]:
-    """Train or reuse the demo teacher; return (teacher dir, its figures, train inputs, held-out inputs)."""
+    """Prepare or reuse the teacher; return (teacher dir, its figures, train inputs, held-out inputs)."""
     if cfg.teacher:
         teacher = Path(cfg.teacher)
         if not (teacher / "config.json").is_file():
@@ -88,6 +97,10 @@ def teacher_stage(runner: StageRunner, cfg: DemoConfig, out: Path) -> tuple[Path
         if not cfg.train_input or not cfg.heldout_input:
             raise SpellmError("--teacher needs --train-input and --heldout-input (text, .jsonl or .parquet)")
         return teacher, {"path": str(teacher), "source": "user"}, cfg.train_input, cfg.heldout_input
+    if cfg.teacher_kind == "smollm2":
+        return _real_teacher_stage(runner, cfg, out)
+    if cfg.teacher_kind != "toy":
+        raise SpellmError(f"--teacher-kind {cfg.teacher_kind!r} is not smollm2 or toy")
     from data_prep import demo_teacher
     from data_prep.demo_teacher import META_NAME
 
@@ -119,6 +132,45 @@ def teacher_stage(runner: StageRunner, cfg: DemoConfig, out: Path) -> tuple[Path
     }
     corpus = teacher / "corpus"
     return teacher, info, [str(corpus / "train.jsonl")], [str(corpus / "heldout.jsonl")]
+
+
+def _real_teacher_stage(
+    runner: StageRunner, cfg: DemoConfig, out: Path
+) -> tuple[Path, dict[str, Any], list, list]:
+    """SmolLM2-135M imported from its GGUF, the Python-docs split and its held-out perplexity."""
+    from data_prep.real_teacher import META_NAME
+
+    root = Path(cfg.teacher_dir) if cfg.teacher_dir else out / "smollm2"
+    command = [sys.executable, "-m", "data_prep.real_teacher", "--out", str(root), *cfg.teacher_args]
+
+    def measure(seconds: float) -> dict[str, Any]:
+        meta = json.loads((root / META_NAME).read_text(encoding="utf-8"))
+        return {
+            "throughput": meta["heldout_tokens"] / seconds,
+            "unit": "ppl tok/s",
+            "heldout_ppl": meta["heldout_ppl"],
+        }
+
+    runner.run(
+        "teacher",
+        inputs={"args": cfg.teacher_args, "code": source_hash(SOURCES["real_teacher"])},
+        command=command,
+        artefact=root / META_NAME,
+        outputs=[],  # the module keeps its own cache (the GGUF's hash, the corpus, its sizes)
+        measure=measure,
+    )
+    meta = json.loads((root / META_NAME).read_text(encoding="utf-8"))
+    info = {
+        "path": meta["model"],
+        "source": "data_prep.real_teacher",
+        "name": "SmolLM2-135M-Instruct",
+        "cache_key": meta["cache_key"],
+        "params": meta["num_params"],
+        "heldout_ppl": meta["heldout_ppl"],
+        "heldout_tokens": meta["heldout_tokens"],
+    }
+    corpus = root / "corpus"
+    return Path(meta["model"]), info, [str(corpus / "train.jsonl")], [str(corpus / "heldout.jsonl")]
 
 
 def _teacher_metrics(teacher: Path) -> dict[str, Any]:
@@ -310,46 +362,23 @@ def eval_stage(
     return json.loads(result.read_text(encoding="utf-8"))
 
 
-def heldout_prompts(heldout_jsonl: Path | None, count: int, words: int = 12) -> list[str]:
-    """Pick `count` held-out prose openings: a paragraph's first `words` words, line breaks kept."""
-    prompts: list[str] = []
-    if heldout_jsonl is not None and heldout_jsonl.is_file():
-        for line in heldout_jsonl.open(encoding="utf-8"):
-            for para in json.loads(line)["text"].split("\n\n"):
-                flat = " ".join(para.split())
-                if len(flat) > 120 and flat[0].isupper() and not set(flat) & set("`*:=<>|_"):
-                    kept = re.match(rf"\s*((?:\S+\s+){{{words - 1}}}\S+)", para)
-                    prompts.append(kept.group(1) if kept else flat)
-                    break
-            if len(prompts) >= count:
-                return prompts
-    return [*prompts, "The module provides", "This function returns", "An exception is raised when"][:count]
-
-
-def _last_json(log: Path) -> dict[str, Any]:
-    """Return the last line of a log that parses as a JSON object."""
-    for line in reversed(log.read_text(errors="replace").splitlines()):
-        if line.startswith("{"):
-            try:
-                return json.loads(line)
-            except json.JSONDecodeError:
-                continue
-    raise SpellmError(f"{log}: no JSON result line")
-
-
-def generate_stage(runner: StageRunner, cfg: DemoConfig, export: Path, prompts: list[str]) -> dict[str, Any]:
-    """Greedy continuations of held-out prompts by the student through `spellm-ds generate --json`."""
-    args = ["generate", "--model", str(export), "--max-new-tokens", str(cfg.new_tokens), "--json"]
-    args += [a for p in prompts for a in ("--prompt", p)]
-    log = runner.dir / "generate.log"
+def compare_stage(
+    runner: StageRunner, cfg: DemoConfig, export: Path, teacher: Path, heldout: Path
+) -> dict[str, Any]:
+    """Teacher vs student greedy generation (`spellm-ds compare`): shard prompts and the text prompts."""
+    result = Path(cfg.out) / "compare" / "compare.json"
+    args = ["compare", "--model", str(export), "--teacher", str(teacher), "--shards", str(heldout)]
+    args += ["--prompts", str(cfg.prompts), "--prompt-tokens", str(cfg.prompt_tokens)]
+    args += ["--new-tokens", str(cfg.new_tokens), "--json", str(result)]
+    args += [a for p in TEXT_PROMPTS for a in ("--text", p)]
 
     def measure(seconds: float) -> dict[str, Any]:
-        res = _last_json(log)
-        tokens = res["counters"]["tokens"]
-        return {"throughput": tokens / seconds, "unit": "tok/s (wall, with model load)", **res}
+        res = json.loads(result.read_text(encoding="utf-8"))
+        tokens = sum(s["counters"]["tokens"] for s in res["settings"].values())
+        return {"throughput": tokens / seconds, "unit": "student tok/s (wall, with both models)"}
 
-    result = runner.run(
-        "generate",
+    runner.run(
+        "compare",
         inputs={
             "args": args,
             "export": runner.results["export"].key,
@@ -357,32 +386,11 @@ def generate_stage(runner: StageRunner, cfg: DemoConfig, export: Path, prompts: 
             "code": source_hash(SOURCES["generate"]),
         },
         command=spellm_cli(*args),
-        artefact=log,
-        outputs=[],
+        artefact=result,
+        outputs=[result.parent],
         measure=measure,
     )
-    return result.metrics
-
-
-def teacher_texts(teacher: Path, prompts: list[str], new_tokens: int) -> list[str]:
-    """Greedy continuations of `prompts` by the plain HF teacher (batch 1, KV cache)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(teacher))
-    model = AutoModelForCausalLM.from_pretrained(str(teacher), dtype=torch.float32).eval()
-    texts = []
-    with torch.inference_mode():
-        for prompt in prompts:
-            ids = tok(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
-            out = model.generate(
-                ids,
-                max_new_tokens=new_tokens,
-                do_sample=False,
-                pad_token_id=tok.pad_token_id or tok.eos_token_id,
-            )
-            texts.append(tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
-    return texts
+    return json.loads(result.read_text(encoding="utf-8"))
 
 
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
@@ -399,16 +407,8 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     metrics = eval_stage(
         runner, cfg, export, shards["heldout"], tb_dir=run_dir / "tensorboard" / "export-eval"
     )
-    held_jsonl = Path(held_in[0]) if len(held_in) == 1 and held_in[0].endswith(".jsonl") else None
-    prompts = heldout_prompts(held_jsonl, cfg.prompts)
-    student = generate_stage(runner, cfg, export, prompts)
-    teacher_out = teacher_texts(teacher, prompts, cfg.new_tokens)
-    samples = [
-        {"prompt": p, "teacher": t, "student": s} for p, t, s in zip(prompts, teacher_out, student["texts"])
-    ]
-    report = build_report(
-        cfg, runner, teacher_info, metrics, samples, student["counters"], run_dir, time.perf_counter() - t0
-    )
+    generation = compare_stage(runner, cfg, export, teacher, shards["heldout"])
+    report = build_report(cfg, runner, teacher_info, metrics, generation, run_dir, time.perf_counter() - t0)
     (out / REPORT_NAME).write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
     return report
 
@@ -444,12 +444,11 @@ def build_report(
     runner: StageRunner,
     teacher: dict[str, Any],
     metrics: dict[str, Any],
-    samples: list[dict[str, str]],
-    counters: dict[str, Any],
+    generation: dict[str, Any],
     run_dir: Path,
     seconds: float,
 ) -> dict[str, Any]:
-    """Assemble the report: eval keys at the top level, then teacher, stages, samples, TensorBoard."""
+    """Assemble the report: eval keys at the top level, then teacher, stages, generation, TensorBoard."""
     tb = run_dir / "tensorboard"
     report: dict[str, Any] = {k: metrics.get(k) for k in EVAL_KEYS}
     report.update(
@@ -460,8 +459,8 @@ def build_report(
         },
         teacher=teacher,
         stages={name: asdict(r) for name, r in runner.results.items()},
-        samples=samples,
-        generate_counters=counters,
+        generation={k: v for k, v in generation.items() if k != "samples"},
+        samples=generation["samples"],
         tensorboard={"logdir": str(tb), "command": f"tensorboard --logdir {tb}"},
         config=asdict(cfg),
         total_seconds=seconds,
@@ -478,9 +477,14 @@ def format_report(report: dict[str, Any]) -> str:
     lines = ["", "=" * 78, "spellm-ds demo report", "=" * 78]
     t = report["teacher"]
     if "heldout_ppl" in t:
+        trained = (
+            f", trained here: {t['tokens_per_s']:,.0f} tok/s, {t['train_seconds']:.0f} s"
+            if "train_seconds" in t
+            else ""
+        )
         lines.append(
-            f"teacher: {t['params'] / 1e6:.2f}M params, held-out ppl {t['heldout_ppl']:.1f}, "
-            f"{t['tokens_per_s']:,.0f} tok/s, {t['train_seconds']:.0f} s training"
+            f"teacher: {t.get('name', t['path'])}, {t['params'] / 1e6:.1f}M params, held-out ppl "
+            f"{t['heldout_ppl']:.2f} over {t['heldout_tokens']:,} tokens{trained}"
         )
     lines.append(f"{'stage':<16}{'cached':>7}{'seconds':>9}  throughput")
     for name, st in report["stages"].items():
@@ -498,8 +502,21 @@ def format_report(report: dict[str, Any]) -> str:
         target = TARGETS.get(key)
         shown = f"{value:.4f}" if isinstance(value, int | float) else "-"
         lines.append(f"{key:<36}{shown:>9}{(f'{target:.3f}' if target else ''):>9}")
+    gen = report["generation"]
+    lines.append("")
+    lines.append(
+        f"greedy generation vs the teacher, {gen.get('prompt_tokens')}-token held-out prompts, "
+        f"{gen['new_tokens']} new tokens:"
+    )
+    for name, s in gen["settings"].items():
+        lines.append(
+            f"  {name:<14} agreement before the first divergence {s['agreement_tokens_mean']:5.1f} tokens "
+            f"({100 * s['agreement_share']:.1f}% of generated), "
+            f"whole continuation equal {100 * s['full_match']:.0f}%"
+        )
     for s in report["samples"]:
-        lines += ["", f"prompt : {s['prompt']}", f"teacher: {s['teacher']!r}", f"student: {s['student']!r}"]
+        lines += ["", f"prompt : {s['prompt']!r}", f"teacher: {s['teacher']!r}"]
+        lines += [f"student: {s['with_fallback']!r}", f"  (no fallback: {s['no_fallback']!r})"]
     lines += [
         "",
         f"report: {report['config']['out']}/{REPORT_NAME}",
@@ -515,12 +532,19 @@ def _parse_args(argv: list[str] | None) -> DemoConfig:
     p = argparse.ArgumentParser(prog="python -m examples.demo", description=__doc__.split("\n")[0])
     p.add_argument("--out", default=d.out)
     p.add_argument("--teacher", default=None, help="use this HF teacher dir instead of the demo teacher")
-    p.add_argument("--teacher-arg", action="append", default=[], help="extra data_prep.demo_teacher flag")
+    p.add_argument(
+        "--teacher-kind",
+        default=d.teacher_kind,
+        choices=["smollm2", "toy"],
+        help="smollm2: the real pretrained teacher (default); toy: the self-trained small Llama",
+    )
+    p.add_argument("--teacher-arg", action="append", default=[], help="extra flag of the teacher's module")
     p.add_argument("--train-input", nargs="+", default=[], help="with --teacher: training text files/globs")
     p.add_argument("--heldout-input", nargs="+", default=[], help="with --teacher: held-out text files/globs")
     for name in ("seq_len", "train_samples", "heldout_samples", "samples_per_shard", "build_batch", "ranks"):
         p.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(d, name))
-    p.add_argument("--prompts", type=int, default=d.prompts)
+    p.add_argument("--prompts", type=int, default=d.prompts, help="held-out prompts for the comparison")
+    p.add_argument("--prompt-tokens", type=int, default=d.prompt_tokens)
     p.add_argument("--new-tokens", type=int, default=d.new_tokens)
     p.add_argument("--config", default=d.config, help="run config YAML for the training stage")
     p.add_argument(
@@ -530,6 +554,7 @@ def _parse_args(argv: list[str] | None) -> DemoConfig:
     return DemoConfig(
         out=a.out,
         teacher=a.teacher,
+        teacher_kind=a.teacher_kind,
         teacher_args=list(a.teacher_arg),
         train_input=a.train_input,
         heldout_input=a.heldout_input,
@@ -542,6 +567,7 @@ def _parse_args(argv: list[str] | None) -> DemoConfig:
         config=a.config,
         overrides=a.overrides,
         prompts=a.prompts,
+        prompt_tokens=a.prompt_tokens,
         new_tokens=a.new_tokens,
     )
 

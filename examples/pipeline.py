@@ -33,6 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 # Source files whose change invalidates a stage (relative to the repository root; globs).
 SOURCES = {
     "teacher": ["data_prep/demo_teacher.py", "data_prep/local_models.py"],
+    "real_teacher": ["data_prep/real_teacher.py", "data_prep/gguf_import.py", "data_prep/demo_teacher.py"],
     "shards": ["data_prep/*.py", "spellm_ds/shards.py", "spellm_ds/fingerprint.py"],
     "train": [
         "spellm_ds/train.py",
@@ -46,8 +47,11 @@ SOURCES = {
     ],
     "export": ["spellm_ds/export.py", "spellm_ds/charset.py"],
     "eval": ["spellm_ds/evaluate.py", "spellm_ds/inference.py", "spellm_ds/charset.py"],
-    "generate": ["spellm_ds/inference.py", "spellm_ds/charset.py"],
+    "generate": ["spellm_ds/inference.py", "spellm_ds/charset.py", "spellm_ds/compare.py"],
 }
+
+
+TEACHER_MODULES = ("demo_teacher.py", "real_teacher.py", "gguf_import.py")
 
 
 def source_hash(patterns: Iterable[str]) -> str:
@@ -55,8 +59,8 @@ def source_hash(patterns: Iterable[str]) -> str:
     h = hashlib.sha256()
     for pattern in patterns:
         for path in sorted(REPO.glob(pattern)):
-            # The demo teacher reaches later stages through its own cache key, not its source.
-            if path.is_file() and (path.name != "demo_teacher.py" or pattern.endswith("demo_teacher.py")):
+            # The teachers reach later stages through their own cache keys, not their source.
+            if path.is_file() and (path.name not in TEACHER_MODULES or pattern.endswith(path.name)):
                 h.update(str(path.relative_to(REPO)).encode())
                 h.update(path.read_bytes())
     return h.hexdigest()[:16]

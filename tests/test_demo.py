@@ -126,12 +126,15 @@ def test_bad_teacher_inputs_raise_clear_errors(tmp_path):
 
 # A shortened demo: every stage once at tiny sizes (2 steps of 4 sequences of 64 tokens on 2 ranks).
 DEMO_STEPS, DEMO_BATCH, DEMO_SEQ, DEMO_TRAIN, DEMO_HELD, DEMO_PROMPTS = 2, 4, 64, 32, 8, 2
-STAGES = ("teacher", "shards-train", "shards-heldout", "train", "export", "eval", "generate")
+STAGES = ("teacher", "shards-train", "shards-heldout", "train", "export", "eval", "compare")
 
 
-def _run_demo(out: Path) -> dict:
-    teacher_flags = {**TINY, "limit_docs": 12}
-    cmd = [sys.executable, "-m", "examples.demo", "--out", str(out)]
+def _run_demo(out: Path, kind: str = "toy") -> dict:
+    if kind == "toy":
+        teacher_flags = {**TINY, "limit_docs": 12}
+    else:  # the real teacher: only its held-out perplexity is shortened
+        teacher_flags = {"seq_len": DEMO_SEQ, "eval_tokens": 4 * DEMO_SEQ}
+    cmd = [sys.executable, "-m", "examples.demo", "--out", str(out), "--teacher-kind", kind]
     cmd += [f"--teacher-arg=--{k.replace('_', '-')}={v}" for k, v in teacher_flags.items()]
     cmd += [
         "--seq-len",
@@ -148,6 +151,8 @@ def _run_demo(out: Path) -> dict:
         "8",
         "--prompts",
         str(DEMO_PROMPTS),
+        "--prompt-tokens",
+        "8",
         "--new-tokens",
         "6",
     ]
@@ -203,9 +208,19 @@ def test_short_demo_report_has_every_stage_and_metric(demo_run):
         "agreement_top1_with_fallback",
     }
     assert report["teacher"]["heldout_ppl"] > 1.0
-    assert len(report["samples"]) == DEMO_PROMPTS
-    assert all(isinstance(s["teacher"], str) and isinstance(s["student"], str) for s in report["samples"])
-    assert report["generate_counters"]["tokens"] > 0
+    for key in ("char_acc", "any_prefix_top5"):
+        assert report[key] == report["eval"][key]
+    # The strict figure counts a subset of what the lenient one counts.
+    assert report["exact_or_prefix_top5"] <= report["any_prefix_top5"]
+    gen = report["generation"]["settings"]
+    assert set(gen) == {"no_fallback", "with_fallback"}
+    for s in gen.values():
+        assert s["prompts"] == DEMO_PROMPTS and 0 <= s["agreement_tokens_mean"] <= 6
+        assert s["counters"]["tokens"] > 0
+    assert gen["no_fallback"]["counters"]["fallback"] == 0
+    assert len(report["samples"]) == 3
+    for s in report["samples"]:
+        assert all(isinstance(s[k], str) for k in ("prompt", "teacher", "no_fallback", "with_fallback"))
     tb = Path(report["tensorboard"]["logdir"])
     assert any(tb.rglob("events.out.tfevents.*"))
     assert report["tensorboard"]["command"] == f"tensorboard --logdir {tb}"
@@ -244,3 +259,29 @@ def test_short_demo_rerun_reuses_every_stage(demo_run):
     assert {k: second[k] for k in ("exact_top1", "threshold")} == {
         k: first[k] for k in ("exact_top1", "threshold")
     }
+
+
+@pytest.mark.dist
+@pytest.mark.teacher
+@pytest.mark.timeout(1800)
+def test_short_demo_on_the_real_teacher(tmp_path):
+    """The whole pipeline on SmolLM2-135M (imported from the wheel's GGUF) at tiny sizes."""
+    from data_prep.gguf_import import smollm2_gguf
+
+    try:
+        smollm2_gguf()
+    except SpellmError as exc:
+        pytest.skip(str(exc))
+    report = _run_demo(tmp_path / "demo", kind="smollm2")
+    assert list(report["stages"]) == list(STAGES)
+    teacher = report["teacher"]
+    assert teacher["name"] == "SmolLM2-135M-Instruct" and teacher["params"] > 1e8
+    # A pretrained model on English technical prose: a perplexity far below a random model's 49,152.
+    assert 1.0 < teacher["heldout_ppl"] < 200
+    assert report["exact_top1"] <= report["exact_top5"] <= report["exact_or_prefix_top5"]
+    export = tmp_path / "demo" / "export"
+    from transformers import AutoModelForCausalLM
+
+    plain = AutoModelForCausalLM.from_pretrained(str(export))
+    assert plain.config.num_hidden_layers == 30
+    assert plain.lm_head.weight.data_ptr() == plain.model.embed_tokens.weight.data_ptr()
