@@ -1,29 +1,31 @@
-"""Distillation fidelity on the demo teacher's held-out shards: what N and the selection rule buy.
+"""Distillation fidelity on held-out shards: what each lever of the recipe buys, on the same teacher.
 
-    .venv/bin/python bench/fidelity.py                   # small budget, 12 steps: a smoke run whose
-                                                         # figures mean little; 4.5 min on 2 idle cores
-                                                         # once the demo teacher is cached (three 2-rank
-                                                         # trainings with ~40 s of start-up each)
-    .venv/bin/python bench/fidelity.py --budget demo     # the demo's budget: 150 steps x 4,096 tokens each
-    .venv/bin/python bench/fidelity.py --steps 1200 --curve 4   # any budget, metrics at 4 points on the way
+    .venv/bin/python bench/fidelity.py                   # small budget, 6 steps, 2 variants: a smoke run
+                                                         # whose figures mean little
+    .venv/bin/python bench/fidelity.py --budget demo --variants prior prior-mlp-lr recipe
+                                                         # the demo's budget: 80 steps x 2,048 tokens each
+    .venv/bin/python bench/fidelity.py --steps 640 --curve 4   # any budget, metrics at 4 points on the way
+    .venv/bin/python bench/fidelity.py --teacher toy ...       # the self-trained demo teacher
 
-Three students distilled from the same teacher on the same shards, through the real pipeline (the
-`spellm-ds` CLI: 2-rank ZeRO-3 `train` under torchrun, `export`, `eval --calibrate`):
+Students distilled from the same teacher (default: SmolLM2-135M, `data_prep/real_teacher.py`) on the same
+shards, through the real pipeline (the `spellm-ds` CLI: 2-rank ZeRO-3 `train` under torchrun, `export`,
+`eval --calibrate`). Variants are run-config overrides on configs/demo_cpu.yaml (see `VARIANTS`):
 
-- `N0`: char heads only, every FFN frozen, the paper's lowest-char-loss selection;
-- `N5-lowest`: heads + the MLPs of the last 5 layers, the paper's rule;
-- `N5-prior`: the same with the teacher-prior rule (char loss − τ·teacher log-prob);
-- `N1-prior` (only with `--variants`): the teacher-prior rule with only the last layer's MLP trainable.
+- `prior`: teacher-prior rule, one learning rate for heads and MLPs, zero heads (the recipe before the
+  levers); `prior-mlp-lr`: MLPs at 0.05 x the heads' rate; `recipe`: configs/demo_cpu.yaml as it is (adds
+  the warm start of the heads); `paper`: the lowest-char-loss rule, one rate; `N0-warm`: heads only;
+- `N0`, `N5-lowest`, `N5-prior`, `N1-prior`: N and the selection rule with one rate and zero heads.
 
 Columns (fractions of held-out positions; definitions in spellm_ds/evaluate.py): exact match with one of
 the teacher's top-5, exact-or-prefix match (a prefix only where all k characters equal the start of a
 candidate longer than k) without and with AutoCorrect (paper: 94.89% / 97.57%), the heads' character
 accuracy against the teacher top-1's k symbols, exact match with the teacher's top-1 without fallback
-(the char path alone, with AutoCorrect), the fallback path's own top-1 accuracy (original lm_head on the
-student's hidden state), the calibrated entropy threshold, the fallback rate it costs and the top-1
-agreement reached with it (target 99%). With `--curve K` each variant also reports the metrics at K
-checkpoints against training tokens, so the budget that reaches the targets can be read off. The demo
-teacher (data_prep/demo_teacher.py) is trained first if it is not cached. The last line is one JSON
+(the char path alone, with AutoCorrect), the approximate fallback head's top-1 accuracy (original lm_head
+on the student's hidden state), and for the fallback the export uses (exact: the original tail) the
+calibrated entropy threshold, the fallback rate it costs and the top-1 agreement reached with it (target
+99%). With `--curve K` each variant also reports the metrics at K
+checkpoints against training tokens, so the budget that reaches the targets can be read off. The teacher
+is prepared first if it is not cached. The last line is one JSON
 object with every figure.
 """
 
@@ -76,7 +78,7 @@ COLUMNS = (
     ("exact_or_prefix_top5_autocorrect", "+AC"),
     ("char_acc", "char acc"),
     ("agreement_top1_no_fallback", "top1 no fb"),
-    ("fallback_top1", "fb path"),
+    ("fallback_top1_approximate", "apx head"),
     ("threshold", "thresh"),
     ("fallback_rate", "fb rate"),
     ("agreement_top1_with_fallback", "top1 w/ fb"),
