@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from spellm_ds.errors import SpellmError
 
@@ -158,7 +159,7 @@ def read_cached(out: str | os.PathLike, key: str | None = None) -> DemoTeacherRe
     return DemoTeacherResult(path=Path(out), cached=True, **{k: meta[k] for k in fields})
 
 
-def _pack(token_lists: list[list[int]], eos_id: int, seq_len: int):
+def pack_rows(token_lists: list[list[int]], eos_id: int, seq_len: int) -> Any:
     """Concatenate documents with EOS after each and cut into [n, seq_len] rows (the tail is dropped)."""
     import torch
 
@@ -197,7 +198,7 @@ def heldout_perplexity(model, rows, batch_size: int) -> float:
     return math.exp(total / max(1, count))
 
 
-def _write_corpus(out: Path, root: Path, train: list[str], held: list[str]) -> dict[str, list[str]]:
+def write_corpus(out: Path, root: Path, train: list[str], held: list[str]) -> dict[str, list[str]]:
     """Write the split lists and one JSONL per split; return the documents' texts per split."""
     texts: dict[str, list[str]] = {}
     (out / "corpus").mkdir(parents=True, exist_ok=True)
@@ -263,15 +264,15 @@ def _train(
 
     train_names, held_names = split_documents(files, root, cfg.heldout_fraction)
     log(f"[teacher] corpus {root}: {len(train_names)} train / {len(held_names)} held-out documents")
-    texts = _write_corpus(out, root, train_names, held_names)
+    texts = write_corpus(out, root, train_names, held_names)
 
     t0 = time.perf_counter()
     train_tokenizer([root / n for n in train_names], out, cfg.vocab_size, kind="byte_level")
     tok = AutoTokenizer.from_pretrained(str(out))
     log(f"[teacher] byte-level BPE tokenizer, vocab {len(tok)}, trained in {time.perf_counter() - t0:.1f} s")
     enc = {s: tok(docs, add_special_tokens=False)["input_ids"] for s, docs in texts.items()}
-    train_rows = _pack(enc["train"], tok.eos_token_id, cfg.seq_len)
-    held_rows = _pack(enc["heldout"], tok.eos_token_id, cfg.seq_len)
+    train_rows = pack_rows(enc["train"], tok.eos_token_id, cfg.seq_len)
+    held_rows = pack_rows(enc["heldout"], tok.eos_token_id, cfg.seq_len)
     held_rows = held_rows[: max(1, cfg.max_eval_tokens // cfg.seq_len)]
     if train_rows.shape[0] < cfg.batch_size or held_rows.shape[0] == 0:
         raise SpellmError(

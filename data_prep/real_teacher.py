@@ -76,7 +76,7 @@ def prepare_real_teacher(
     corpus_root: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Import the GGUF, write the corpus split and measure held-out perplexity (cached); return the meta."""
-    from data_prep.demo_teacher import _write_corpus, split_documents
+    from data_prep.demo_teacher import split_documents, write_corpus
     from data_prep.gguf_import import file_sha256, import_gguf, smollm2_gguf
     from data_prep.local_models import python_docs_files
 
@@ -94,7 +94,7 @@ def prepare_real_teacher(
     t0 = time.perf_counter()
     model_dir = import_gguf(gguf, out / "model")
     train, held = split_documents(files, root, cfg.heldout_fraction)
-    texts = _write_corpus(out, root, train, held)
+    texts = write_corpus(out, root, train, held)
     ppl, tokens, params = _heldout_perplexity(model_dir, texts["heldout"], cfg)
     meta = {
         "cache_key": key,
@@ -121,12 +121,12 @@ def _heldout_perplexity(model_dir: Path, docs: list[str], cfg: RealTeacherConfig
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from data_prep.demo_teacher import _pack, heldout_perplexity
+    from data_prep.demo_teacher import heldout_perplexity, pack_rows
 
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
     ids = [tok(d, add_special_tokens=False)["input_ids"] for d in docs]
-    rows = _pack(ids, tok.eos_token_id, cfg.seq_len)[: math.ceil(cfg.eval_tokens / cfg.seq_len)]
+    rows = pack_rows(ids, tok.eos_token_id, cfg.seq_len)[: math.ceil(cfg.eval_tokens / cfg.seq_len)]
     if rows.shape[0] == 0:
         raise SpellmError(f"held-out documents hold fewer than {cfg.seq_len} tokens")
     ppl = heldout_perplexity(model, rows, cfg.batch_size)

@@ -331,8 +331,12 @@ def _setup(cfg: TrainConfig, pre: Preflight, info: Any, resume: Path | None) -> 
         table=table,
         lookup=TokenLookup(table, device),
         tokenizer=tokenizer,
-        loader=_make_loader(cfg, pre, info, cfg.data.train, train=True),
-        eval_loader=_make_loader(cfg, pre, info, cfg.data.eval, train=False) if cfg.data.eval else None,
+        loader=_make_loader(cfg, pre, info.rank, info.world_size, cfg.data.train, train=True),
+        eval_loader=(
+            _make_loader(cfg, pre, info.rank, info.world_size, cfg.data.eval, train=False)
+            if cfg.data.eval
+            else None
+        ),
         universal=universal,
         hooks=_read_hooks(),
         lr_groups=[(g["name"], g["lr_scale"]) for g in groups],
@@ -365,7 +369,9 @@ def _build_model(cfg: TrainConfig, table: Any, ds_config: dict[str, Any]) -> tor
     return model
 
 
-def _make_loader(cfg: TrainConfig, pre: Preflight, info: Any, location: str, train: bool) -> Any:
+def _make_loader(
+    cfg: TrainConfig, pre: Preflight, rank: int, world_size: int, location: str, train: bool
+) -> Any:
     from spellm_ds.data import LoaderConfig, ShardLoader
 
     lc = LoaderConfig(
@@ -380,7 +386,7 @@ def _make_loader(cfg: TrainConfig, pre: Preflight, info: Any, location: str, tra
         tokenizer_hash=pre.tokenizer_hash,
         seq_len=cfg.data.seq_len,
     )
-    return ShardLoader(lc, rank=info.rank, world_size=info.world_size)
+    return ShardLoader(lc, rank=rank, world_size=world_size)
 
 
 def _teardown(run: Run, clean: bool) -> None:
@@ -829,7 +835,7 @@ def _warm_start(run: Run) -> None:
     cfg = run.cfg
     per_batch = run.pre.micro * cfg.data.seq_len * run.world_size
     n_batches = max(1, -(-cfg.warm_start.positions // per_batch))
-    loader = _make_loader(cfg, run.pre, _RankView(run.rank, run.world_size), cfg.data.train, train=False)
+    loader = _make_loader(cfg, run.pre, run.rank, run.world_size, cfg.data.train, train=False)
     loader.start_epoch(0)
 
     def batches() -> Any:
@@ -860,12 +866,6 @@ def _warm_start(run: Run) -> None:
         f"char accuracy {fit['char_acc']:.3f}, cross-entropy {fit['char_ce']:.3f} per head "
         f"(zero heads: {fit['char_ce_zero']:.3f})",
     )
-
-
-@dataclass(frozen=True)
-class _RankView:
-    rank: int
-    world_size: int
 
 
 @torch.no_grad()
