@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from spellm_ds import losses
+from spellm_ds.errors import SpellmError
 
 
 def selected_rows(
@@ -37,7 +38,7 @@ def selected_rows(
 ) -> tuple[Tensor, Tensor]:
     """Char rows Long[N, k] the selection rule picks when every head is uniform, and Bool[N] valid."""
     n = topk_ids.reshape(-1, topk_ids.shape[-1]).shape[0]
-    uniform = torch.zeros(n, token_chars.shape[1], num_chars)
+    uniform = torch.zeros(n, token_chars.shape[1], num_chars, device=topk_ids.device)
     out = losses.char_selection_loss(
         uniform, topk_ids, topk_logprobs, loss_mask, token_chars, eligible, selection="lowest"
     )
@@ -108,9 +109,11 @@ def warm_start_heads(
         )
         labels.append(rows)
         valid.append(ok)
+    if not feats:
+        raise SpellmError("warm start: the training shards gave no batch to fit the char heads on")
     x = _all_gather_cat(torch.cat(feats))
     y = _all_gather_cat(torch.cat(labels))
-    ok = _all_gather_cat(torch.cat(valid))
+    ok = _all_gather_cat(torch.cat(valid).to(torch.uint8)).bool()  # uint8: every backend gathers it
     x, y = x[ok], y[ok]
     k, c = model.k, model.num_chars
     world = dist.get_world_size() if dist.is_initialized() else 1
