@@ -38,6 +38,8 @@ setup(
     ],
     extras_require={
         "dev": ["pytest>=8", "pytest-timeout>=2.2", "ruff>=0.6", "pre-commit>=3.5"],
+        # lm-evaluation-harness: the `spellm` model (spellm_ds.lm_eval_model) and `spellm-ds lm-eval-local`
+        "eval": ["lm-eval>=0.4.10,<0.5"],
     },
     entry_points={"console_scripts": ["spellm-ds=spellm_ds.cli:main"]},
 )

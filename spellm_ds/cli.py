@@ -515,6 +515,65 @@ def _run_plan(args) -> int:
     return 0
 
 
+# --- lm-eval-local ---
+def _add_lm_eval_local(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "lm-eval-local",
+        help="lm-evaluation-harness tasks from a local directory on a SpeLLM export, offline",
+        description="Run lm-eval's simple_evaluate with the `spellm` model (spellm_ds.lm_eval_model) on task "
+        "YAMLs of a local directory whose data paths are relative to each YAML; needs the `eval` extra. "
+        "Prints the results table and the share of positions taken by each path.",
+    )
+    p.add_argument("--model", required=True, metavar="DIR", help="export directory")
+    p.add_argument("--tasks-dir", required=True, metavar="D", help="directory of task YAMLs and their data")
+    p.add_argument("--tasks", required=True, help="comma-separated task names")
+    p.add_argument(
+        "--model-args",
+        default="",
+        metavar="K=V,...",
+        help="fallback=exact|approximate, threshold=FLOAT|default|none, base_model=DIR, dtype=..., "
+        "stop_check_tokens=N (see spellm_ds/lm_eval_model.py)",
+    )
+    p.add_argument("--output", default=None, metavar="JSON", help="write the results and counters here")
+    p.add_argument("--limit", type=float, default=None, help="documents per task (a fraction when < 1)")
+    p.add_argument("--batch-size", default="1", help="an integer, or auto")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when present)")
+    p.add_argument("--seed", type=int, default=0, help="seed of sampling and few-shot selection")
+    p.add_argument("--log-samples", action="store_true", help="keep per-document samples in --output")
+    p.set_defaults(func=_run_lm_eval_local)
+
+
+def _run_lm_eval_local(args: argparse.Namespace) -> int:
+    try:
+        from spellm_ds.lm_eval_model import evaluate_local
+    except ImportError as exc:
+        raise SpellmError(f"{exc}") from None
+    from lm_eval.utils import make_table
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    limit = None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit)
+    batch = int(args.batch_size) if args.batch_size.isdigit() else args.batch_size
+    res = evaluate_local(
+        args.model,
+        args.tasks_dir,
+        tasks,
+        model_args=args.model_args,
+        output=args.output,
+        limit=limit,
+        batch_size=batch,
+        device=_default_device(args.device),
+        log_samples=args.log_samples,
+        seed=args.seed,
+    )
+    print(make_table(res))
+    info = res.get("spellm", {})
+    for kind, c in info.get("counters", {}).items():
+        if c["positions"]:
+            shares = ", ".join(f"{n} {100 * r:.1f}%" for n, r in info["rates"][kind].items())
+            print(f"{kind}: {c['positions']} positions: {shares}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Build the top-level parser with every registered subcommand."""
     parser = argparse.ArgumentParser(prog="spellm-ds", description=__doc__)
