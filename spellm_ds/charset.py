@@ -801,6 +801,8 @@ class TokenLookup:
         self.table_hash = table.hash
         self.token_chars = torch.from_numpy(table.token_chars.astype(np.int64)).to(self.device)
         self.decodable = torch.from_numpy(table.decodable.copy()).to(self.device)
+        # Spelled longer than k with known symbols: their row is their first k characters.
+        self.long_tokens = torch.from_numpy(table.truncated & ~table.unknown).to(self.device)
         self._exact = _HashIndex(*table.exact_entries(), self.device)
         self._prefix = _HashIndex(*table.prefix_entries(), self.device)
 

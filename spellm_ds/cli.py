@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from spellm_ds.dist import default_device
 from spellm_ds.errors import SpellmError
 
 # Each subcommand owns one section below: `_add_<name>(subparsers)` registers its parser and sets
@@ -262,13 +263,6 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run_generate)
 
 
-def _default_device(device: str | None) -> str:
-    """Return `device`, or cuda when one is present and cpu otherwise."""
-    import torch
-
-    return device or ("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def _run_generate(args: argparse.Namespace) -> int:
     import json
 
@@ -276,7 +270,7 @@ def _run_generate(args: argparse.Namespace) -> int:
 
     from spellm_ds.inference import SpeLLMForCausalLM
 
-    device = _default_device(args.device)
+    device = default_device(args.device)
     model = SpeLLMForCausalLM.from_pretrained(
         args.model,
         base_model=args.base_model,
@@ -359,7 +353,7 @@ def _run_eval(args: argparse.Namespace) -> int:
         target=args.target,
         batch_size=args.batch_size,
         max_samples=args.max_samples,
-        device=_default_device(args.device),
+        device=default_device(args.device),
         base_model=args.base_model,
         trust_remote_code=args.trust_remote_code,
         fallback=args.fallback,
@@ -431,7 +425,7 @@ def _run_compare(args: argparse.Namespace) -> int:
         texts=args.text,
         text_tokens=args.text_tokens,
         batch_size=args.batch_size,
-        device=_default_device(args.device),
+        device=default_device(args.device),
         base_model=args.base_model,
     )
     for name, s in res["settings"].items():
@@ -561,7 +555,7 @@ def _run_lm_eval_local(args: argparse.Namespace) -> int:
         output=args.output,
         limit=limit,
         batch_size=batch,
-        device=_default_device(args.device),
+        device=default_device(args.device),
         log_samples=args.log_samples,
         seed=args.seed,
     )

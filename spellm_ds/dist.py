@@ -135,3 +135,10 @@ def device_and_backend(info: RankInfo) -> tuple[str, str]:
     if torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") != "cpu":
         return f"cuda:{info.local_rank % torch.cuda.device_count()}", "nccl"
     return "cpu", "gloo"
+
+
+def default_device(device: str | None = None) -> str:
+    """Return `device`, or cuda when one is present and cpu otherwise (single-process inference)."""
+    import torch
+
+    return device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -353,8 +353,7 @@ def position_cases(
     token_chars = dec.lookup.token_chars
     decodable = dec.lookup.decodable
     ac_chars = torch.where(miss[:, None], token_chars[ac_tokens.clamp(min=0)], chars)
-    long_np = model.table.truncated & ~model.table.unknown
-    long_tokens = torch.from_numpy(long_np).to(topk.device)
+    long_tokens = dec.lookup.long_tokens
     plain = match_flags(tokens, chars, topk, token_chars, decodable, long_tokens, dec.end_id)
     corrected = match_flags(ac_tokens, ac_chars, topk, token_chars, decodable, long_tokens, dec.end_id)
 

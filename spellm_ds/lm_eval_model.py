@@ -85,6 +85,7 @@ except ImportError as exc:  # pragma: no cover - depends on the optional extra
         "spellm_ds.lm_eval_model needs lm-evaluation-harness >= 0.4.10, < 0.5: pip install 'spellm-ds[eval]'"
     ) from exc
 
+from spellm_ds.dist import default_device
 from spellm_ds.errors import SpellmError
 from spellm_ds.inference import (
     AUTOCORRECT,
@@ -135,8 +136,7 @@ class SpeLLMEvalLM(HFLM):
     ) -> None:
         if fallback is not None and str(fallback).lower() in ("", "none", "default"):
             fallback = None
-        if device is None:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = default_device(device)
         if int(stop_check_tokens) < 0:
             raise SpellmError(f"stop_check_tokens must be >= 0, got {stop_check_tokens}")
         thr = parse_threshold(threshold)
@@ -492,8 +492,7 @@ def evaluate_local(
         raise SpellmError("no task given")
     args = simple_parse_args_string(model_args) if isinstance(model_args, str) else dict(model_args or {})
     args["pretrained"] = str(model_dir)
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = default_device(device)
     with tempfile.TemporaryDirectory(prefix="lm_eval_tasks_") as tmp:
         include = local_task_dir(tasks_dir, tmp)
         tm_kwargs: dict[str, Any] = {"include_path": str(include)}
