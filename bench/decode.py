@@ -79,7 +79,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from spellm_ds.charset import CharTable
-from spellm_ds.inference import PAPER_THRESHOLD, SpeLLMForCausalLM, _cache_kwarg, _returned_cache
+from spellm_ds.export_format import PAPER_THRESHOLD
+from spellm_ds.inference import SpeLLMForCausalLM, _cache_kwarg, _returned_cache
 
 V, K = 128_256, 10
 

@@ -42,7 +42,7 @@ from data_prep.build import ShardWriter, Teacher  # noqa: E402
 from data_prep.corpus import iter_documents, pack_sequences, tokenize_documents  # noqa: E402
 from data_prep.local_models import make_causal_lm, python_docs_files, train_tokenizer  # noqa: E402
 from data_prep.validate import dataset_stats  # noqa: E402
-from spellm_ds import shards  # noqa: E402
+from spellm_ds import jsonio, shards  # noqa: E402
 
 
 def _teacher_dir(cache: Path, vocab: int, hidden: int, ffn: int, layers: int, logit_std: float) -> Path:
@@ -287,7 +287,7 @@ def _write_index(out: Path, teacher: Teacher, args: argparse.Namespace) -> None:
         build_args={},
         entries=entries,
     )
-    shards.write_json_atomic(out / shards.INDEX_NAME, index)
+    jsonio.write_json(out / shards.INDEX_NAME, index)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ from data_prep.corpus import (
     pack_sequences,
     tokenize_documents,
 )
-from spellm_ds import shards
+from spellm_ds import jsonio, shards
 from spellm_ds.errors import SpellmError
 
 BUILD_NAME = "build.json"
@@ -368,7 +368,7 @@ class ShardWriter:
             sha256=sha,
             first_sample=seqs[0].index,
         )
-        shards.write_json_atomic(self.output / shards.manifest_name(shard), entry.to_dict())
+        jsonio.write_json(self.output / shards.manifest_name(shard), entry.to_dict())
 
     def wait(self) -> None:
         """Block until the queued write (if any) finished; re-raise its error."""
@@ -391,21 +391,12 @@ class ShardWriter:
 # ---------------------------------------------------------------------------------- dataset state
 
 
-def _read_json(path: Path) -> Any:
-    import json
-
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise SpellmError(f"{path}: not valid JSON ({exc})") from None
-
-
 def _check_identity(output: Path, meta: dict[str, Any]) -> None:
     """Refuse an output directory that holds anything but a build of exactly this dataset."""
     recorded_path = output / BUILD_NAME
     if not recorded_path.exists():
         foreign = (
-            [p.name for p in output.iterdir() if not shards.is_temp_name(p.name)] if output.exists() else []
+            [p.name for p in output.iterdir() if not jsonio.is_temp_name(p.name)] if output.exists() else []
         )
         if foreign:
             raise SpellmError(
@@ -413,7 +404,7 @@ def _check_identity(output: Path, meta: dict[str, Any]) -> None:
                 f"(found {', '.join(sorted(foreign)[:3])}); choose an empty or new directory"
             )
         return
-    recorded = _read_json(recorded_path)
+    recorded = jsonio.read_json(recorded_path)
     diffs = []
     for key in _IDENTITY_KEYS:
         if recorded.get(key) != meta[key]:
@@ -439,7 +430,7 @@ def _done(output: Path, shard: int) -> bool:
     if not manifest.exists() or not path.exists():
         return False
     try:
-        entry = shards.ShardEntry.from_dict(_read_json(manifest), str(manifest))
+        entry = shards.ShardEntry.from_dict(jsonio.read_json(manifest), str(manifest))
     except SpellmError:
         return False
     return entry.bytes == path.stat().st_size
@@ -449,7 +440,7 @@ def _remove_stale_temps(output: Path, owned: Any) -> None:
     """Delete hidden temporary files of shards this worker owns (left by a killed run)."""
     for p in output.iterdir():
         name = p.name
-        if not shards.is_temp_name(name) or not name.startswith(".shard-"):
+        if not jsonio.is_temp_name(name) or not name.startswith(".shard-"):
             continue
         try:
             index = int(name[len(".shard-") : len(".shard-") + 6])
@@ -465,14 +456,14 @@ def merge_index(output: str | os.PathLike) -> bool:
     stream_path, build_path = out / STREAM_NAME, out / BUILD_NAME
     if not stream_path.exists() or not build_path.exists():
         return False
-    n_shards = int(_read_json(stream_path)["shards"])
+    n_shards = int(jsonio.read_json(stream_path)["shards"])
     entries = []
     for i in range(n_shards):
         manifest = out / shards.manifest_name(i)
         if not manifest.exists():
             return False
-        entries.append(shards.ShardEntry.from_dict(_read_json(manifest), str(manifest)))
-    meta = _read_json(build_path)
+        entries.append(shards.ShardEntry.from_dict(jsonio.read_json(manifest), str(manifest)))
+    meta = jsonio.read_json(build_path)
     index = shards.make_index(
         teacher=meta["teacher"],
         tokenizer_hash=meta["tokenizer_hash"],
@@ -486,7 +477,7 @@ def merge_index(output: str | os.PathLike) -> bool:
     )
     index["pad_id"] = meta["pad_id"]
     index["loss_mask"] = "False at padding of the final partial sequence; True elsewhere"
-    shards.write_json_atomic(out / shards.INDEX_NAME, index)
+    jsonio.write_json(out / shards.INDEX_NAME, index)
     return True
 
 
@@ -576,14 +567,16 @@ def build_shards(cfg: BuildConfig, rank: int | None = None, world_size: int | No
     _check_identity(output, meta)
     output.mkdir(parents=True, exist_ok=True)
     if not (output / BUILD_NAME).exists():
-        shards.write_json_atomic(output / BUILD_NAME, meta)
+        jsonio.write_json(output / BUILD_NAME, meta)
 
     def owned(index: int) -> bool:
         return index % workers == worker
 
     _remove_stale_temps(output, owned)
     per_shard, seq_len = cfg.samples_per_shard, cfg.seq_len
-    known_total = _read_json(output / STREAM_NAME)["sequences"] if (output / STREAM_NAME).exists() else None
+    known_total = (
+        jsonio.read_json(output / STREAM_NAME)["sequences"] if (output / STREAM_NAME).exists() else None
+    )
     limit = cfg.max_samples if known_total is None else known_total
     if known_total is not None:
         n_shards = math.ceil(known_total / per_shard)
@@ -661,10 +654,10 @@ def build_shards(cfg: BuildConfig, rank: int | None = None, world_size: int | No
         if count == 0:
             raise SpellmError(f"--input: the corpus holds no text ({len(files)} files)")
         if not (output / STREAM_NAME).exists():
-            shards.write_json_atomic(
+            jsonio.write_json(
                 output / STREAM_NAME, {"sequences": count, "shards": math.ceil(count / per_shard)}
             )
-        known_total = _read_json(output / STREAM_NAME)["sequences"]
+        known_total = jsonio.read_json(output / STREAM_NAME)["sequences"]
         if known_total != count:
             raise SpellmError(
                 f"{output / STREAM_NAME}: records {known_total} sequences, this corpus gives {count}"

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from spellm_ds.errors import SpellmError
+from spellm_ds.jsonio import read_json_or_none, write_json
 
 # Bump when a change here alters the teacher that a given configuration produces.
 CODE_VERSION = "demo-teacher-1"
@@ -144,12 +145,8 @@ def cache_key_for_args(argv: list[str]) -> str:
 
 def read_cached(out: str | os.PathLike, key: str | None = None) -> DemoTeacherResult | None:
     """Return the stored result of a complete teacher directory (matching `key` when given), else None."""
-    meta_path = Path(out) / META_NAME
-    if not meta_path.is_file():
-        return None
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
+    meta = read_json_or_none(Path(out) / META_NAME)
+    if meta is None:
         return None
     if key is not None and meta.get("cache_key") != key:
         return None
@@ -209,7 +206,7 @@ def write_corpus(out: Path, root: Path, train: list[str], held: list[str]) -> di
             for name, text in zip(names, docs):
                 fh.write(json.dumps({"doc": name, "text": text}, ensure_ascii=False) + "\n")
     split_doc = {"corpus_root": str(root), "train": train, "heldout": held}
-    (out / SPLIT_NAME).write_text(json.dumps(split_doc, indent=1) + "\n", encoding="utf-8")
+    write_json(out / SPLIT_NAME, split_doc, indent=1, sort_keys=False)
     return texts
 
 
@@ -370,7 +367,7 @@ def _train(
         torch_threads=torch.get_num_threads(),
     )
     # Written last: its presence marks a complete directory.
-    (out / META_NAME).write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
+    write_json(out / META_NAME, meta, indent=1, sort_keys=False)
     return result
 
 

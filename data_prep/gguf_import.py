@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import json
 import os
 import shutil
 import sys
@@ -28,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from spellm_ds import shards
+from spellm_ds import jsonio
 from spellm_ds.errors import SpellmError
 
 META_NAME = "gguf_import.json"
@@ -149,7 +148,7 @@ def import_gguf(
         )
     t0 = time.perf_counter()
     _log(f"importing {src.name} ({arch}, {src.stat().st_size / 1e6:.1f} MB) into {out} as {dtype}")
-    tmp = shards.temp_path(out)
+    tmp = jsonio.temp_path(out)
     tmp.mkdir(parents=True)
     try:
         model_class = _convert(src, tmp, dtype)
@@ -162,7 +161,7 @@ def import_gguf(
             "dtype": dtype,
             "files": sorted(p.name for p in tmp.iterdir()),
         }
-        shards.write_json_atomic(tmp / META_NAME, meta)
+        jsonio.write_json(tmp / META_NAME, meta)
         _replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -173,11 +172,7 @@ def import_gguf(
 
 def _read_meta(out: Path) -> dict[str, Any] | None:
     """Return the parsed `gguf_import.json` in `out` (complete or not), or None."""
-    try:
-        meta = json.loads((out / META_NAME).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None
-    return meta if isinstance(meta, dict) else None
+    return jsonio.read_json_or_none(out / META_NAME)
 
 
 def _check_output(out: Path, src: Path, digest: str, force: bool) -> None:
@@ -206,7 +201,7 @@ def _replace_dir(tmp: Path, out: Path) -> None:
     """Move the finished directory `tmp` to `out`, replacing what `out` held."""
     old = None
     if out.exists():
-        old = shards.temp_path(out)
+        old = jsonio.temp_path(out)
         out.rename(old)
     try:
         tmp.rename(out)

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from spellm_ds.errors import SpellmError
+from spellm_ds.jsonio import read_json_or_none, write_json
 
 CODE_VERSION = "real-teacher-1"
 META_NAME = "real_teacher.json"
@@ -62,11 +63,7 @@ def cache_key(gguf_sha: str, files: list[Path], root: Path, cfg: RealTeacherConf
 
 def read_meta(out: str | os.PathLike) -> dict[str, Any] | None:
     """Return `real_teacher.json` of a complete directory, else None."""
-    path = Path(out) / META_NAME
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None
+    return read_json_or_none(Path(out) / META_NAME)
 
 
 def prepare_real_teacher(
@@ -109,9 +106,7 @@ def prepare_real_teacher(
         "config": asdict(cfg),
         "seconds": time.perf_counter() - t0,
     }
-    tmp = out / f".{META_NAME}.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, out / META_NAME)
+    write_json(out / META_NAME, meta, indent=1, sort_keys=False)
     _say(f"[real-teacher] {model_dir}: held-out ppl {ppl:.2f} over {tokens:,} tokens")
     return meta
 

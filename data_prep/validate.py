@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ import numpy as np
 
 from spellm_ds import shards
 from spellm_ds.errors import ShardError, SpellmError
+from spellm_ds.jsonio import read_json_or_none
 
 # float16 rounding of a log-prob next to 0 stays <= 0; allow a little for producers that round differently.
 LOGPROB_TOLERANCE = 1e-3
@@ -128,10 +128,7 @@ def _check_shard(report: ValidationReport, root: Path, entry: dict[str, Any], in
         report.add(e.name, f"{where}: sha256 mismatch (corrupt or replaced)")
     manifest = root / shards.manifest_name(e.index)
     if manifest.exists():
-        try:
-            on_disk = json.loads(manifest.read_text(encoding="utf-8"))
-        except json.JSONDecodeError:
-            on_disk = None
+        on_disk = read_json_or_none(manifest)
         if on_disk != e.to_dict():
             report.add(e.name, f"{manifest}: per-shard manifest differs from the index.json entry")
     count = tokens = 0

@@ -84,6 +84,7 @@ import numpy as np
 import torch
 
 from spellm_ds.errors import SpellmError
+from spellm_ds.jsonio import read_json, write_json
 
 DEFAULT_K = 10
 MAX_SYMBOLS = 255  # ids are stored as uint8 and 0 is <end>
@@ -676,29 +677,22 @@ class CharTable:
             "arrays": arrays,
         }
         out = Path(path)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(json.dumps(doc, ensure_ascii=True, indent=1), encoding="utf-8")
-        os.replace(tmp, out)
+        write_json(out, doc, indent=1, sort_keys=False, ascii_only=True)
         return out
 
     @classmethod
     def load(cls, path: str | os.PathLike, expected_hash: str | None = None) -> CharTable:
         """Read a file written by `save`, verify its content hash and, if given, `expected_hash`."""
         p = Path(path)
-        try:
-            doc = json.loads(p.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise SpellmError(f"charset file {p} does not exist") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise SpellmError(f"{p}: not a readable charset file ({exc})") from exc
-        if not isinstance(doc, dict) or doc.get("format") != FILE_FORMAT:
-            raise SpellmError(f"{p}: not a charset file (format is not {FILE_FORMAT!r})")
-        if doc.get("version") != FILE_VERSION:
-            raise SpellmError(f"{p}: charset file version {doc.get('version')!r}, expected {FILE_VERSION}")
-        required = ("hash", "symbols", "k", "vocab_size", "tokenizer_hash", "arrays")
-        missing = [key for key in required if key not in doc]
-        if missing:
-            raise SpellmError(f"{p}: charset file lacks {', '.join(missing)}")
+        doc = read_json(
+            p,
+            "charset file",
+            fmt=FILE_FORMAT,
+            required=("version", "hash", "symbols", "k", "vocab_size", "tokenizer_hash", "arrays"),
+            missing_hint=f"charset file {p} does not exist",
+        )
+        if doc["version"] != FILE_VERSION:
+            raise SpellmError(f"{p}: charset file version {doc['version']!r}, expected {FILE_VERSION}")
         try:
             arrays = {}
             for name, dtype in _ARRAYS.items():

@@ -31,6 +31,7 @@ from typing import Any, Literal
 import yaml
 
 from spellm_ds.errors import SpellmError
+from spellm_ds.jsonio import read_json
 
 Selection = Literal["lowest", "teacher_prior"]
 Regularizer = Literal["kl6", "ce_top1", "none"]
@@ -695,9 +696,9 @@ def preflight(cfg: TrainConfig, world_size: int) -> Preflight:
         problems.append(f"deepspeed: {ds_path} does not exist")
     else:
         try:
-            ds_config = json.loads(ds_path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            problems.append(f"deepspeed: {ds_path} is not valid JSON ({exc})")
+            ds_config = read_json(ds_path, "DeepSpeed config")
+        except SpellmError as exc:
+            problems.append(f"deepspeed: {exc}")
         else:
             autos = _find_auto(ds_config)
             if autos:

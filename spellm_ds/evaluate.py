@@ -54,7 +54,6 @@ kind it uses).
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass
@@ -66,6 +65,7 @@ import torch
 from torch import Tensor
 
 from spellm_ds.errors import SpellmError
+from spellm_ds.jsonio import write_json
 from spellm_ds.losses import string_matches
 
 DEFAULT_ENTROPY_BINS = (0.0, 0.01, 0.02, 0.05, 0.1, 0.22, 0.5, 1.0, 2.0, math.inf)
@@ -503,7 +503,7 @@ def evaluate(
         write_threshold(model_dir, res, location)
     if json_out:
         Path(json_out).parent.mkdir(parents=True, exist_ok=True)
-        _write_json(Path(json_out), res)
+        write_json(Path(json_out), res)
     return res
 
 
@@ -619,28 +619,26 @@ def write_tensorboard(res: dict[str, Any], tb_dir: str | os.PathLike, step: int 
 
 def write_threshold(model_dir: str | os.PathLike, res: dict[str, Any], shards: Path) -> None:
     """Record the calibrated threshold of the evaluated fallback kind in `spellm_config.json`."""
-    from spellm_ds.inference import SPELLM_CONFIG, read_spellm_config
+    from spellm_ds.export_format import update_spellm_config
 
-    cfg = read_spellm_config(model_dir)
     kind = res.get("fallback", "approximate")
-    cfg["fallback_threshold"] = res["threshold"]
-    cfg["fallback_thresholds"] = {kind: res["threshold"]}
+    thresholds = {kind: res["threshold"]}
     if "threshold_approximate" in res:
-        cfg["fallback_thresholds"]["approximate"] = res["threshold_approximate"]
-    cfg["threshold_source"] = "calibrated"
-    cfg["calibration"] = {
-        "shards": str(shards),
-        "positions": res["positions"],
-        "fallback": kind,
-        "target": res["target"],
-        "target_reached": res["target_reached"],
-        "fallback_rate": res["fallback_rate"],
-        "agreement_top1_with_fallback": res["agreement_top1_with_fallback"],
-    }
-    _write_json(Path(model_dir) / SPELLM_CONFIG, cfg)
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+        thresholds["approximate"] = res["threshold_approximate"]
+    update_spellm_config(
+        model_dir,
+        {
+            "fallback_threshold": res["threshold"],
+            "fallback_thresholds": thresholds,
+            "threshold_source": "calibrated",
+            "calibration": {
+                "shards": str(shards),
+                "positions": res["positions"],
+                "fallback": kind,
+                "target": res["target"],
+                "target_reached": res["target_reached"],
+                "fallback_rate": res["fallback_rate"],
+                "agreement_top1_with_fallback": res["agreement_top1_with_fallback"],
+            },
+        },
+    )

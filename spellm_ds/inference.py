@@ -69,7 +69,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import os
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -82,20 +81,19 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from spellm_ds.errors import SpellmError
+from spellm_ds.export_format import (
+    CHAR_HEADS_FILE,
+    CHARSET_FILE,
+    DELTA_FILE,
+    ORIGINAL_MLPS_FILE,
+    PAPER_THRESHOLD,
+    open_export,
+)
 
 EXACT, AUTOCORRECT, FALLBACK = 0, 1, 2
 PATH_NAMES = ("exact", "autocorrect", "fallback")
-SPELLM_CONFIG = "spellm_config.json"
-CHAR_HEADS_FILE = "char_heads.safetensors"
-CHARSET_FILE = "charset.json"
-DELTA_FILE = "delta.safetensors"
-ORIGINAL_MLPS_FILE = "original_mlps.safetensors"  # original weights of the trained tensors (full export)
-ORIGINAL_FROM_BASE = "base model"  # `original_mlps` of a delta export: the base model's own weights
 FALLBACK_KINDS = ("exact", "approximate")
 TAIL_ATTENTION = ("eager", "sdpa")  # attention implementations the original tail's 4-D mask supports
-EXPORT_FORMAT = "spellm-ds-export"
-EXPORT_VERSION = 1
-PAPER_THRESHOLD = 0.22  # mean head entropy (nats) the paper falls back above
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -308,57 +306,6 @@ class _ExactFallback:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Export-directory checks shared with spellm_ds.export
-
-
-def read_spellm_config(model_dir: str | os.PathLike) -> dict[str, Any]:
-    """Read and check `spellm_config.json` of an export directory."""
-    path = Path(model_dir) / SPELLM_CONFIG
-    try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise SpellmError(f"{model_dir} is not a complete SpeLLM export (no {SPELLM_CONFIG})") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise SpellmError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(cfg, dict) or cfg.get("format") != EXPORT_FORMAT:
-        raise SpellmError(f"{path}: not a SpeLLM export config (format is not {EXPORT_FORMAT!r})")
-    if cfg.get("format_version") != EXPORT_VERSION:
-        raise SpellmError(f"{path}: format_version {cfg.get('format_version')!r}, expected {EXPORT_VERSION}")
-    missing = [
-        key for key in ("k", "num_chars", "charset_hash", "delta", "fallback_threshold") if key not in cfg
-    ]
-    if missing:
-        raise SpellmError(f"{path}: missing fields {', '.join(missing)}")
-    return cfg
-
-
-def _model_files(model_dir: Path) -> list[Path]:
-    """The HF weight files of a full model directory (index-listed shards or one model.safetensors)."""
-    index = model_dir / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise SpellmError(f"{index}: not a valid safetensors index ({exc})") from None
-        return [model_dir / name for name in sorted(set(weight_map.values()))]
-    single = model_dir / "model.safetensors"
-    if single.is_file():
-        return [single]
-    raise SpellmError(f"{model_dir}: no model.safetensors or model.safetensors.index.json")
-
-
-def tensor_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
-    """Name → shape of every tensor in safetensors files, after checking each file is complete."""
-    from spellm_ds.export import read_safetensors_header
-
-    shapes: dict[str, tuple[int, ...]] = {}
-    for f in files:
-        for name, (_dtype, shape) in read_safetensors_header(f).items():
-            shapes[name] = shape
-    return shapes
-
-
-# ---------------------------------------------------------------------------------------------------------
 # The model
 
 
@@ -471,24 +418,14 @@ class SpeLLMForCausalLM(nn.Module):
         weights of the trained MLPs (see the module doc)."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from spellm_ds.charset import CharTable
-        from spellm_ds.export import load_safetensors
         from spellm_ds.fingerprint import tokenizer_hash
         from spellm_ds.model import SpeLLMModel
 
-        root = Path(model_dir)
-        if not root.is_dir():
-            raise SpellmError(f"model directory {root} does not exist")
         if fallback not in (None, *FALLBACK_KINDS):
             raise SpellmError(f"fallback must be one of {', '.join(FALLBACK_KINDS)}, got {fallback!r}")
-        cfg = read_spellm_config(root)
-        table = CharTable.load(root / CHARSET_FILE, expected_hash=cfg["charset_hash"])
+        export = open_export(model_dir, base_model)
+        root, cfg, table = export.root, export.config, export.table
         k, num_chars = int(cfg["k"]), int(cfg["num_chars"])
-        if table.k != k or table.charset.size != num_chars:
-            raise SpellmError(
-                f"{root / CHARSET_FILE}: k={table.k}, {table.charset.size} symbols; "
-                f"{SPELLM_CONFIG} says k={k}, {num_chars} symbols"
-            )
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(root), trust_remote_code=trust_remote_code)
         except (OSError, ValueError) as exc:
@@ -499,39 +436,13 @@ class SpeLLMForCausalLM(nn.Module):
                 f"{root / CHARSET_FILE} was built for tokenizer {table.tokenizer_hash[:12]}..., but the "
                 f"tokenizer in {root} hashes to {tok_hash[:12]}...: charset and tokenizer do not match"
             )
-
-        heads = load_safetensors(root / CHAR_HEADS_FILE)
-        if set(heads) != {"weight"}:
-            raise SpellmError(
-                f"{root / CHAR_HEADS_FILE}: expected one tensor 'weight', found {sorted(heads)}"
-            )
-        trained = list(cfg.get("trained_tensors") or [])
-        # Exports written before `original_mlps` existed: a delta's base model holds the originals.
-        source = cfg.get("original_mlps", ORIGINAL_FROM_BASE if cfg["delta"] else None)
-        if cfg["delta"]:
-            base_dir = Path(base_model or (cfg.get("base_model") or {}).get("path") or "")
-            delta = load_safetensors(root / DELTA_FILE)
-            _check_delta_base(base_dir, cfg, delta, root)
-            weights_dir = base_dir
-            has_originals = source == ORIGINAL_FROM_BASE or not trained
-        else:
-            delta = {}
-            weights_dir = root
-            tensor_shapes(_model_files(root))  # every shard present and complete before loading
-            has_originals = bool(source) or not trained
-            if source and trained:
-                shapes = tensor_shapes([root / str(source)])
-                if set(shapes) != set(trained):
-                    raise SpellmError(
-                        f"{root / str(source)}: holds {sorted(shapes)[:5]}..., expected the trained tensors "
-                        f"{trained[:5]}..."
-                    )
-        if fallback == "exact" and not has_originals:
+        if fallback == "exact" and not export.has_originals:
             raise SpellmError(
                 f"{root} holds no original weights of its trained MLPs ({ORIGINAL_MLPS_FILE}), so the exact "
                 "fallback is not available: use fallback='approximate' or export again"
             )
-        kind = fallback or ("exact" if has_originals else "approximate")
+        kind = fallback or ("exact" if export.has_originals else "approximate")
+        delta, weights_dir = export.delta, export.weights_dir
         if dtype is None:
             dtype = "auto"
         try:
@@ -542,17 +453,15 @@ class SpeLLMForCausalLM(nn.Module):
             raise SpellmError(f"{weights_dir}: cannot load the model ({exc})") from None
         originals: dict[str, Tensor] | None = None
         if kind == "exact":
-            if not trained:
-                originals = {}
-            elif delta:  # the base model's own weights, before the delta replaces them
+            if delta:  # the base model's own weights, before the delta replaces them
                 params = dict(base.named_parameters())
                 originals = {n: params[n].detach().clone() for n in delta if n in params}
             else:
-                originals = load_safetensors(root / str(source))
+                originals = export.original_weights()
         if delta:
             _apply_delta(base, delta, root / DELTA_FILE)
         d = base.config.hidden_size
-        w = heads["weight"]
+        w = export.heads
         if tuple(w.shape) != (k * num_chars, d):
             raise SpellmError(
                 f"{root / CHAR_HEADS_FILE}: weight has shape {tuple(w.shape)}, expected "
@@ -966,43 +875,6 @@ def _cache_kwarg(body: nn.Module) -> str:
 def _returned_cache(out: Any) -> Any:
     cache = getattr(out, "cache", None)
     return cache if cache is not None else out.past_key_values
-
-
-def _check_delta_base(base_dir: Path, cfg: dict[str, Any], delta: dict[str, Tensor], where: Path) -> None:
-    """Refuse a base model that is missing or differs in architecture, shapes or weights from the record."""
-    from transformers import AutoConfig
-
-    from spellm_ds.fingerprint import config_hash, weights_hash
-
-    if not str(base_dir) or not (base_dir / "config.json").is_file():
-        raise SpellmError(
-            f"{where} is a delta export; its base model {str(base_dir) or '(none recorded)'} is not a model "
-            "directory: pass the base model's directory (--base-model)"
-        )
-    rec = cfg.get("base_model") or {}
-    try:
-        base_cfg = AutoConfig.from_pretrained(str(base_dir))
-    except (OSError, ValueError) as exc:
-        raise SpellmError(f"{base_dir}: cannot read config.json ({exc})") from None
-    shapes = tensor_shapes(_model_files(base_dir))
-    bad = [
-        f"{name} {tuple(t.shape)} vs base {shapes.get(name)}"
-        for name, t in delta.items()
-        if shapes.get(name) != tuple(t.shape)
-    ]
-    if bad:
-        raise SpellmError(
-            f"{where / DELTA_FILE} does not fit the base model {base_dir}: " + "; ".join(bad[:5])
-        )
-    if rec.get("config_hash") and config_hash(base_cfg) != rec["config_hash"]:
-        raise SpellmError(
-            f"base model {base_dir} has another architecture config than the one the delta was trained on"
-        )
-    if rec.get("weights_hash") and weights_hash(base_dir) != rec["weights_hash"]:
-        raise SpellmError(
-            f"base model {base_dir} has other weight files than the ones the delta was trained on "
-            f"(weights hash {rec['weights_hash'][:12]}... recorded)"
-        )
 
 
 def _apply_delta(base: nn.Module, delta: dict[str, Tensor], where: Path) -> None:

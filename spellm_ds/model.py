@@ -32,7 +32,6 @@ RNG state. `head_init_std>0` draws N(0, std²) from a fixed seed on rank 0 and b
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -45,6 +44,7 @@ from transformers.utils import ModelOutput
 
 from spellm_ds import losses
 from spellm_ds.errors import SpellmError
+from spellm_ds.jsonio import read_json
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -389,11 +389,7 @@ def load_ds_config(ds_config: Mapping[str, Any] | str | os.PathLike | None) -> d
     """A DeepSpeed config as a dict (reads a JSON file path)."""
     if ds_config is None or isinstance(ds_config, Mapping):
         return dict(ds_config) if ds_config is not None else None
-    path = Path(ds_config)
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise SpellmError(f"DeepSpeed config {path}: {exc}") from exc
+    return read_json(ds_config, "DeepSpeed config")
 
 
 def check_model(model_path: str | os.PathLike, trainable_layers: int) -> int:

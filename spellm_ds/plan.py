@@ -78,12 +78,12 @@ NVLink-class intra-node otherwise); they are rough floors, not predictions.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from spellm_ds.errors import SpellmError
+from spellm_ds.jsonio import read_json
 
 GIB = 1024**3
 SUPPORTED_ARCHS = ("llama", "mistral", "qwen2")
@@ -359,14 +359,7 @@ def load_model_shape(path: str | Path) -> ModelShape:
     p = Path(path)
     if p.is_dir():
         p = p / "config.json"
-    try:
-        cfg = json.loads(p.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise SpellmError(f"cannot read model config {p}: {exc.strerror}") from None
-    except json.JSONDecodeError as exc:
-        raise SpellmError(f"{p}: not valid JSON ({exc})") from None
-    if not isinstance(cfg, dict):
-        raise SpellmError(f"{p}: expected a JSON object")
+    cfg = read_json(p, "HF model config")
     return ModelShape.from_hf_config(cfg, where=str(p))
 
 

@@ -25,13 +25,10 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import os
 import re
-import socket
 import struct
 import tarfile
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +38,7 @@ import numpy as np
 import zstandard
 
 from spellm_ds.errors import ShardError, SpellmError
+from spellm_ds.jsonio import fsync_dir, parse_json, read_json, temp_path
 
 FORMAT_NAME = "spellm-ds-shards"
 FORMAT_VERSION = 2
@@ -345,17 +343,6 @@ def iter_shard(path: str | os.PathLike, check_values: bool = True) -> Iterator[d
         yield sample
 
 
-def temp_path(path: str | os.PathLike) -> Path:
-    """Return a hidden temporary name next to `path`, unique across hosts and processes."""
-    path = Path(path)
-    return path.with_name(f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-
-
-def is_temp_name(name: str) -> bool:
-    """True for the hidden temporary names `temp_path` makes (never part of a dataset)."""
-    return name.startswith(".") and ".tmp-" in name
-
-
 def write_shard(path: str | os.PathLike, samples: list[tuple[str, bytes]]) -> tuple[int, str]:
     """Write (key, payload) pairs as a deterministic tar via a temporary name; return (bytes, sha256)."""
     path = Path(path)
@@ -370,6 +357,7 @@ def write_shard(path: str | os.PathLike, samples: list[tuple[str, bytes]]) -> tu
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
+    fsync_dir(path.parent)
     return len(data), hashlib.sha256(data).hexdigest()
 
 
@@ -403,18 +391,6 @@ class ShardEntry:
         return cls(**out)
 
 
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    """Write JSON through a temporary file and rename, so readers never see a partial file."""
-    path = Path(path)
-    tmp = temp_path(path)
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(obj, fh, indent=2, sort_keys=True)
-        fh.write("\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 REQUIRED_INDEX_KEYS = (
     "format",
     "format_version",
@@ -435,28 +411,20 @@ def read_index(location: str | os.PathLike) -> dict[str, Any]:
     """Read and check `index.json` of a dataset directory or URL prefix."""
     loc = str(location).rstrip("/")
     target = f"{loc}/{INDEX_NAME}"
-    try:
-        if "://" in loc or loc.startswith("pipe:"):
-            import webdataset as wds  # only for remote locations
+    missing = f"{target}: no index.json (is this a teacher-shard directory?)"
+    checks = {"fmt": FORMAT_NAME, "version": FORMAT_VERSION, "required": REQUIRED_INDEX_KEYS}
+    if "://" not in loc and not loc.startswith("pipe:"):
+        return read_json(target, "teacher-shard index", missing_hint=missing, **checks)
+    import webdataset as wds  # only for remote locations
 
-            with wds.gopen(target, "rb") as fh:
-                index = json.loads(fh.read().decode("utf-8"))
-        else:
-            with open(target, encoding="utf-8") as fh:
-                index = json.load(fh)
+    try:
+        with wds.gopen(target, "rb") as fh:
+            text = fh.read().decode("utf-8")
     except FileNotFoundError:
-        raise SpellmError(f"{target}: no index.json (is this a teacher-shard directory?)") from None
-    except json.JSONDecodeError as exc:
-        raise SpellmError(f"{target}: not valid JSON ({exc})") from None
-    missing = [k for k in REQUIRED_INDEX_KEYS if k not in index]
-    if missing:
-        raise SpellmError(f"{target}: missing fields {', '.join(missing)}")
-    if index["format"] != FORMAT_NAME or index["format_version"] != FORMAT_VERSION:
-        raise SpellmError(
-            f"{target}: format {index['format']!r} v{index['format_version']} is not "
-            f"{FORMAT_NAME!r} v{FORMAT_VERSION}"
-        )
-    return index
+        raise SpellmError(missing) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpellmError(f"{target}: not readable ({exc})") from None
+    return parse_json(text, target, "teacher-shard index", **checks)
 
 
 def make_index(

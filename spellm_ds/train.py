@@ -19,22 +19,15 @@ exit status is 75. torchrun forwards SIGTERM (SIGUSR1 would end torchrun itself)
 and exit 75, but torchrun's own status is 1, so a requeue script launches ranks with srun (as
 slurm/distill_70b.sh does) or reads `latest`. Handlers are installed before the model loads.
 
-Checkpoints (`<checkpoint dir>/step_NNNNNNNN/`): the DeepSpeed engine state of every rank, and in
-`client_state` the step, the merged data-loader state (consumed-sample bitmap ORed over ranks), every
-rank's RNG states, the resolved config, the charset hash and the token/sample counters;
-`spellm_meta.json` beside them says the same for readers without torch, and `charset.json` is the char
-table trained against. A checkpoint is complete or invisible: DeepSpeed's own `latest` file is written by
-rank 0 as soon as rank 0's files are written, before the other ranks are known to be done
-(deepspeed/runtime/engine.py, `save_checkpoint`), so the trainer saves with `save_latest=False`, waits
-for the barrier that ends `save_checkpoint` on every rank, and only then writes `spellm_meta.json` and
-`latest` atomically (temporary file, fsync, rename). `resume: auto` reads `latest`, so a crash at any
-point leaves the previous checkpoint as the one resumed. After `latest` is updated, rank 0 deletes all
-but the newest `keep_latest_k` checkpoints (and leftovers of crashed saves).
+Checkpoints: `spellm_ds.checkpoint` owns the layout (tags, `latest`, metadata, pruning, the
+complete-or-invisible save, universal conversion, RNG states); the trainer decides what goes in (step
+counters, the merged data-loader state with its consumed-sample bitmap ORed over ranks, the resolved
+config, the charset and tokenizer hashes). `resume: auto` resumes from the checkpoint `latest` names.
 
-Resume at another world size: the checkpoint is converted once to DeepSpeed's universal format
-(`python -m deepspeed.checkpoint.ds_to_universal`, into `<checkpoint dir>/universal/<tag>`) and loaded
-with `checkpoint.load_universal`; parameters and optimizer state carry over, the data loader re-plans the
-rest of the epoch for the new world size, and RNG states restart from the seed.
+Resume at another world size: the checkpoint is converted once to DeepSpeed's universal format (into
+`<checkpoint dir>/universal/<tag>`) and loaded with `checkpoint.load_universal`; parameters and optimizer
+state carry over, the data loader re-plans the rest of the epoch for the new world size, and RNG states
+restart from the seed.
 
 Non-finite loss: the loss of every micro-batch is checked on all ranks (one all-reduce) before
 `engine.backward`; a non-finite micro-batch is dropped (no backward, no optimizer step; its samples count
@@ -61,15 +54,11 @@ Fault-injection hooks for tests (environment variables, read at start; unset in 
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import random
-import re
 import resource
-import shutil
 import signal
-import subprocess
 import sys
 import time
 import warnings
@@ -80,23 +69,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from spellm_ds import checkpoint as ckpt
 from spellm_ds.config import Preflight, TrainConfig, fill_ds_config, preflight
-from spellm_ds.errors import SpellmError
 
 EXIT_OK = 0
 EXIT_NONFINITE = 3
 EXIT_INTERRUPTED = 75
-
-LATEST = "latest"
-META_NAME = "spellm_meta.json"
-CHARSET_NAME = "charset.json"
-UNIVERSAL_DIR = "universal"
-_TAG_RE = re.compile(r"^step_(\d{8})$")
-
-
-def tag_for(step: int) -> str:
-    """Return the checkpoint tag (directory name) of optimizer step `step`."""
-    return f"step_{step:08d}"
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -108,50 +86,6 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     span = max(1, cfg.max_steps - warm)
     progress = min(1.0, (step - warm) / span)
     return low + 0.5 * (peak - low) * (1.0 + math.cos(math.pi * progress))
-
-
-# ---------------------------------------------------------------------------------------------------
-# Checkpoint discovery (no process group needed)
-
-
-def latest_checkpoint(checkpoint_dir: str | os.PathLike) -> Path | None:
-    """Return the newest complete checkpoint directory (the one `latest` names), or None."""
-    root = Path(checkpoint_dir)
-    marker = root / LATEST
-    if not marker.is_file():
-        return None
-    tag = marker.read_text(encoding="utf-8").strip()
-    path = root / tag
-    if not _TAG_RE.match(tag) or not (path / META_NAME).is_file():
-        raise SpellmError(f"{marker} names {tag!r}, which is not a complete checkpoint in {root}")
-    return path
-
-
-def read_meta(checkpoint: str | os.PathLike) -> dict[str, Any]:
-    """Read `spellm_meta.json` of one checkpoint directory."""
-    path = Path(checkpoint) / META_NAME
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise SpellmError(f"{checkpoint} is not a complete spellm-ds checkpoint (no {META_NAME})") from None
-    except json.JSONDecodeError as exc:
-        raise SpellmError(f"{path}: not valid JSON ({exc})") from None
-
-
-def _resume_target(cfg: TrainConfig) -> Path | None:
-    """The checkpoint to resume from; refuses to start where saves would overwrite newer checkpoints."""
-    newest = latest_checkpoint(cfg.checkpoint_dir)
-    if cfg.checkpoint.resume == "auto":
-        return newest
-    path = None if cfg.checkpoint.resume == "never" else Path(cfg.checkpoint.resume)
-    start = 0 if path is None else int(read_meta(path)["step"])
-    if newest is not None and int(read_meta(newest)["step"]) > start:
-        raise SpellmError(
-            f"checkpoint.resume={cfg.checkpoint.resume} starts at step {start}, but {cfg.checkpoint_dir} "
-            f"already holds {newest.name}, which this run would overwrite: use another checkpoint.dir "
-            "(or run_dir), resume: auto, or delete those checkpoints"
-        )
-    return path
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -244,7 +178,7 @@ def train(cfg: TrainConfig) -> int:
     try:
         info = detect()
         pre = preflight(cfg, info.world_size)  # bad input stops here, before any process group
-        resume = _resume_target(cfg)
+        resume = ckpt.resume_target(cfg.checkpoint_dir, cfg.checkpoint.resume)
         run = _setup(cfg, pre, info, resume)
     except BaseException:
         stop.restore()
@@ -258,7 +192,7 @@ def train(cfg: TrainConfig) -> int:
         while state.step < cfg.max_steps:
             if _any_rank(run, stop.signum != 0):
                 _save(run, state)
-                _say(run, f"signal received: saved {tag_for(state.step)}; exiting {EXIT_INTERRUPTED}")
+                _say(run, f"signal received: saved {ckpt.tag_for(state.step)}; exiting {EXIT_INTERRUPTED}")
                 clean = True
                 return EXIT_INTERRUPTED
             stats = _train_step(run, state)
@@ -314,7 +248,7 @@ def _setup(cfg: TrainConfig, pre: Preflight, info: Any, resume: Path | None) -> 
         table = CharTable.load(cfg.model.charset)
     else:
         table = CharTable.build(tokenizer, k=cfg.model.k, vocab_size=_model_vocab(cfg))
-    universal = resume is not None and int(read_meta(resume)["world_size"]) != info.world_size
+    universal = resume is not None and int(ckpt.read_meta(resume)["world_size"]) != info.world_size
     ds_config = fill_ds_config(pre.ds_config, cfg, pre)
     if universal:
         ds_config.setdefault("checkpoint", {})["load_universal"] = True
@@ -535,183 +469,61 @@ def _fault_hooks(run: Run, state: TrainState) -> None:
 # Checkpoints
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _rng_state() -> dict[str, Any]:
-    state = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
 def _save(run: Run, state: TrainState) -> None:
-    """Collective: write checkpoint `step_<N>` on every rank, then mark it complete and prune."""
-    import torch.distributed as dist
-
+    """Collective: checkpoint this exact state (once) through `spellm_ds.checkpoint`."""
     from spellm_ds.data import all_gather_state
 
     if run.saved_step == state.step:
         return  # this exact state is already a complete checkpoint (never rewrite what `latest` names)
-    root = run.cfg.checkpoint_dir
-    tag = tag_for(state.step)
-    if run.rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        if (root / tag).exists():  # leftovers of a crashed save of the same step
-            shutil.rmtree(root / tag)
-    rngs: list[Any] = [None] * run.world_size
-    dist.all_gather_object(rngs, _rng_state())
     client = {
-        "spellm": {
-            "state": vars(state).copy(),
-            "data": all_gather_state(run.loader),
-            "rng": rngs,
-            "config": run.cfg.to_dict(),
-            "charset_hash": run.table.hash,
-            "tokenizer_hash": run.pre.tokenizer_hash,
-            "world_size": run.world_size,
-        }
+        "state": vars(state).copy(),
+        "data": all_gather_state(run.loader),
+        "config": run.cfg.to_dict(),
+        "charset_hash": run.table.hash,
+        "tokenizer_hash": run.pre.tokenizer_hash,
     }
-    run.engine.save_checkpoint(str(root), tag=tag, client_state=client, save_latest=False)
-    # save_checkpoint ends with a barrier: every rank's files are written when rank 0 gets here.
-    if run.rank == 0:
-        meta = {
-            "tag": tag,
-            "step": state.step,
-            "world_size": run.world_size,
-            "tokens_seen": state.tokens_seen,
-            "samples_seen": state.samples_seen,
-            "charset_hash": run.table.hash,
-            "tokenizer_hash": run.pre.tokenizer_hash,
-            "model_path": str(Path(run.cfg.model.path).resolve()),
-            "trainable_layers": run.cfg.model.trainable_layers,
-            "k": run.cfg.model.k,
-            "config": run.cfg.to_dict(),
-            "time": time.time(),
-        }
-        run.table.save(root / tag / CHARSET_NAME)  # the exact table trained against, for export
-        _write_atomic(root / tag / META_NAME, json.dumps(meta, indent=2, sort_keys=True) + "\n")
-        _write_atomic(root / LATEST, tag)
-        prune_checkpoints(root, run.cfg.checkpoint.keep_latest_k)
-    dist.barrier()
+    meta = {
+        "tokens_seen": state.tokens_seen,
+        "samples_seen": state.samples_seen,
+        "charset_hash": run.table.hash,
+        "tokenizer_hash": run.pre.tokenizer_hash,
+        "model_path": str(Path(run.cfg.model.path).resolve()),
+        "trainable_layers": run.cfg.model.trainable_layers,
+        "k": run.cfg.model.k,
+        "config": run.cfg.to_dict(),
+    }
+    ckpt.save_checkpoint(
+        run.engine,
+        run.cfg.checkpoint_dir,
+        state.step,
+        client=client,
+        meta=meta,
+        table=run.table,
+        keep=run.cfg.checkpoint.keep_latest_k,
+        rank=run.rank,
+        world_size=run.world_size,
+    )
     run.saved_step = state.step
-
-
-def prune_checkpoints(root: str | os.PathLike, keep: int) -> list[str]:
-    """Delete all but the newest `keep` complete checkpoints (0 keeps all) and partial ones; return tags."""
-    root = Path(root)
-    current = latest_checkpoint(root)
-    if current is None:
-        return []
-    newest = int(_TAG_RE.match(current.name).group(1))
-    tags = sorted((int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _TAG_RE.match(p.name)))
-    complete = [(s, p) for s, p in tags if s <= newest and (p / META_NAME).is_file()]
-    keep_set = {p for _, p in (complete[-keep:] if keep else complete)} | {current}
-    removed = []
-    for _, p in tags:
-        if p not in keep_set:
-            shutil.rmtree(p, ignore_errors=True)
-            shutil.rmtree(root / UNIVERSAL_DIR / p.name, ignore_errors=True)
-            removed.append(p.name)
-    return removed
-
-
-def _to_universal(run: Run, checkpoint: Path) -> Path:
-    """Collective: rank 0 converts `checkpoint` to DeepSpeed's universal format once; return its root."""
-    import torch.distributed as dist
-
-    out_root = run.cfg.checkpoint_dir / UNIVERSAL_DIR
-    out = out_root / checkpoint.name
-    done = out / ".complete"
-    if run.rank == 0 and not done.is_file():
-        shutil.rmtree(out, ignore_errors=True)
-        out_root.mkdir(parents=True, exist_ok=True)
-        cmd = [
-            sys.executable,
-            "-m",
-            "deepspeed.checkpoint.ds_to_universal",
-            "--input_folder",
-            str(checkpoint),
-            "--output_folder",
-            str(out),
-            "--num_extract_workers",
-            "1",
-            "--num_merge_workers",
-            "1",
-        ]
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        if proc.returncode != 0:
-            raise SpellmError(
-                f"converting {checkpoint} to a universal checkpoint failed:\n{proc.stdout[-2000:]}"
-                f"{proc.stderr[-2000:]}"
-            )
-        _write_atomic(done, checkpoint.name)
-    dist.barrier()
-    return out_root
 
 
 def _restore(run: Run, resume: Path | None) -> TrainState:
     """Load the checkpoint `resume` (or start fresh); return the counters and start the batch stream."""
     state = TrainState()
     if resume is not None:
-        load_root = _to_universal(run, resume) if run.universal else resume.parent
-        path, client = run.engine.load_checkpoint(str(load_root), tag=resume.name)
-        if path is None or not client or "spellm" not in client:
-            raise SpellmError(f"could not load checkpoint {resume}")
-        if run.universal:
-            _unshare_step_counters(run.engine)
-        saved = client["spellm"]
-        if saved["charset_hash"] != run.table.hash:
-            raise SpellmError(
-                f"checkpoint {resume} was trained with charset {saved['charset_hash'][:12]}..., "
-                f"this run uses {run.table.hash[:12]}... (model.charset / model.k changed?)"
-            )
+        saved = ckpt.load_checkpoint(
+            run.engine,
+            resume,
+            universal_root=run.cfg.checkpoint_dir / ckpt.UNIVERSAL_DIR if run.universal else None,
+            rank=run.rank,
+            charset_hash=run.table.hash,
+        )
         state = TrainState(**saved["state"])
         if resume.parent.resolve() == run.cfg.checkpoint_dir.resolve():
             run.saved_step = state.step  # already a complete checkpoint of this run
         run.loader.load_state_dict(saved["data"])
-        if not run.universal:
-            _set_rng_state(saved["rng"][run.rank])
     run.corrupt_at_start = run.loader.corrupt_skipped
     run.batches = iter(run.loader)
     return state
-
-
-def _unshare_step_counters(engine: Any) -> None:
-    """Give every optimizer group its own Adam step tensor after a universal load.
-
-    DeepSpeed's universal ZeRO-3 load assigns one step tensor object to every group's state; torch's Adam
-    increments it in place once per group, so with two groups the count (and the bias correction) would
-    advance twice per step.
-    """
-    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
-    for state in inner.state.values():
-        step = state.get("step")
-        if isinstance(step, torch.Tensor):
-            state["step"] = step.clone()
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ from spellm_ds.data import (
     unpack_bitmap,
 )
 from spellm_ds.errors import ShardError, SpellmError
+from spellm_ds.jsonio import write_json
 from spellm_ds.shards import (
     ShardEntry,
     encode_sample,
@@ -39,7 +40,6 @@ from spellm_ds.shards import (
     read_index,
     sample_key,
     shard_name,
-    write_json_atomic,
     write_shard,
 )
 from tests.conftest import REPO_ROOT, free_port
@@ -97,7 +97,7 @@ def build_dataset(
         build_args={},
         entries=entries,
     )
-    write_json_atomic(out / "index.json", index)
+    write_json(out / "index.json", index)
     return arrays
 
 
@@ -388,7 +388,7 @@ def test_state_is_compact_and_checked(dataset, tmp_path):
     build_dataset(other)
     index = read_index(other)
     index["shards"][0]["sha256"] = "0" * 64
-    write_json_atomic(other / "index.json", index)
+    write_json(other / "index.json", index)
     with pytest.raises(SpellmError, match="another dataset"):
         loader(other).load_state_dict(merge_states([r.state_dict() for r in ranks]))
 

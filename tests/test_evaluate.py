@@ -30,6 +30,7 @@ from spellm_ds.evaluate import (
 )
 from spellm_ds.export import save_export
 from spellm_ds.inference import SpeLLMForCausalLM
+from spellm_ds.jsonio import write_json
 from spellm_ds.model import build_spellm_model
 from spellm_ds.shards import (
     ShardEntry,
@@ -37,7 +38,6 @@ from spellm_ds.shards import (
     make_index,
     sample_key,
     shard_name,
-    write_json_atomic,
     write_shard,
 )
 from tests.export_helpers import probe_heads
@@ -248,7 +248,7 @@ def shards(tiny_llama, docs_files, tmp_path_factory):
         build_args={},
         entries=[entry],
     )
-    write_json_atomic(out / "index.json", index)
+    write_json(out / "index.json", index)
     return out, batch, top.indices
 
 

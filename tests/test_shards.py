@@ -17,7 +17,7 @@ import pytest
 import zstandard
 
 from data_prep.validate import dataset_stats, validate_dataset
-from spellm_ds import shards
+from spellm_ds import jsonio, shards
 from spellm_ds.cli import main
 from spellm_ds.errors import ShardError, SpellmError
 
@@ -57,7 +57,7 @@ def _write_dataset(root: Path, n_samples: int = 8, seed: int = 0) -> Path:
             sha256=sha,
             first_sample=shard * PER_SHARD,
         )
-        shards.write_json_atomic(root / shards.manifest_name(shard), entry.to_dict())
+        jsonio.write_json(root / shards.manifest_name(shard), entry.to_dict())
         entries.append(entry)
     _write_index(root, entries)
     return root
@@ -75,7 +75,7 @@ def _write_index(root: Path, entries: list[shards.ShardEntry]) -> None:
         build_args={},
         entries=entries,
     )
-    shards.write_json_atomic(root / shards.INDEX_NAME, index)
+    jsonio.write_json(root / shards.INDEX_NAME, index)
 
 
 def _entries(root: Path) -> list[shards.ShardEntry]:

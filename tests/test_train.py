@@ -26,19 +26,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from spellm_ds.config import config_from_dict
-from spellm_ds.errors import SpellmError
-from spellm_ds.train import (
-    EXIT_INTERRUPTED,
-    EXIT_NONFINITE,
+from spellm_ds.checkpoint import (
     LATEST,
     META_NAME,
-    _resume_target,
     latest_checkpoint,
-    lr_at,
     prune_checkpoints,
+    resume_target,
     tag_for,
 )
+from spellm_ds.config import config_from_dict
+from spellm_ds.errors import SpellmError
+from spellm_ds.train import EXIT_INTERRUPTED, EXIT_NONFINITE, lr_at
 from tests import train_helpers as th
 
 STEPS = 14
@@ -101,19 +99,21 @@ def test_resume_policy_never_overwrites_newer_checkpoints(tmp_path):
     root = tmp_path / "run" / "checkpoints"
     cfg = _cfg()
     cfg.run_dir = str(tmp_path / "run")
-    assert _resume_target(cfg) is None  # auto, nothing saved yet: fresh start
+    assert (
+        resume_target(cfg.checkpoint_dir, cfg.checkpoint.resume) is None
+    )  # auto, nothing saved yet: fresh start
     for s in (4, 8):
         _fake_ckpt(root, s)
     (root / LATEST).write_text(tag_for(8))
-    assert _resume_target(cfg) == root / tag_for(8)
+    assert resume_target(cfg.checkpoint_dir, cfg.checkpoint.resume) == root / tag_for(8)
     cfg.checkpoint.resume = str(root / tag_for(4))
     with pytest.raises(SpellmError, match="already holds step_00000008, which this run would overwrite"):
-        _resume_target(cfg)
+        resume_target(cfg.checkpoint_dir, cfg.checkpoint.resume)
     cfg.checkpoint.resume = "never"
     with pytest.raises(SpellmError, match="would overwrite"):
-        _resume_target(cfg)
+        resume_target(cfg.checkpoint_dir, cfg.checkpoint.resume)
     cfg.checkpoint.resume = str(root / tag_for(8))
-    assert _resume_target(cfg) == root / tag_for(8)
+    assert resume_target(cfg.checkpoint_dir, cfg.checkpoint.resume) == root / tag_for(8)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -1,0 +1,488 @@
+"""The checkpoint layout, owned here: tags, `latest`, metadata, pruning, saving, loading and reading.
+
+A run's checkpoint directory holds one directory per saved optimizer step, `step_NNNNNNNN/`, with
+
+    zero_pp_rank_R_mp_rank_00_model_states.pt      DeepSpeed's per-rank module state; its client state
+    *zero_pp_rank_R_mp_rank_00_optim_states.pt     (key `spellm`) holds the step counters, the merged
+                                                   data-loader state, every rank's RNG state, the
+                                                   resolved config, the charset and tokenizer hashes
+    spellm_meta.json                               the same facts for readers without torch
+    charset.json                                   the exact char table trained against
+
+and beside them `latest` (the tag of the newest complete checkpoint) and `universal/<tag>/` (DeepSpeed's
+universal format of a tag, made once when a run resumes at another world size).
+
+A checkpoint is complete or invisible. DeepSpeed writes its own `latest` as soon as rank 0's files are
+written, before the other ranks are known to be done (deepspeed/runtime/engine.py, `save_checkpoint`),
+so `save_checkpoint` here passes `save_latest=False`, waits for the barrier that ends DeepSpeed's save on
+every rank, and only then writes `spellm_meta.json` and `latest` atomically (`spellm_ds.jsonio`).
+`latest_checkpoint` accepts only what `latest` names when that directory has its metadata, so a crash at
+any point leaves the previous checkpoint as the one resumed. Pruning keeps the newest `keep` complete
+checkpoints and removes leftovers of crashed saves.
+
+`ZeroCheckpoint` reads a tag directory without a process group or the model (for export): every rank's
+`*_model_states.pt` and `*_optim_states.pt` is opened with `torch.load(mmap=True, weights_only=True)`
+(an allowlist admits DeepSpeed's ZeroStageEnum and LossScaler and the numpy types of stored RNG states;
+nothing else is unpickled). A trained parameter is cut from each rank's fp32 master partition (ZeRO-3
+gives parameter p the same `ceil(numel/W)` slice of every rank's flat group, at one running offset over
+the parameters in `param_shapes` order); a frozen one is reassembled from every rank's
+`frozen_param_fragments`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from spellm_ds.errors import SpellmError
+from spellm_ds.jsonio import read_json, write_json, write_text
+
+LATEST = "latest"
+META_NAME = "spellm_meta.json"
+CHARSET_NAME = "charset.json"
+UNIVERSAL_DIR = "universal"
+CLIENT_KEY = "spellm"  # the trainer's entry in DeepSpeed's client state
+_TAG_RE = re.compile(r"^step_(\d{8})$")
+
+
+def tag_for(step: int) -> str:
+    """Return the checkpoint tag (directory name) of optimizer step `step`."""
+    return f"step_{step:08d}"
+
+
+def tag_step(tag: str) -> int | None:
+    """The step of a checkpoint tag (`step_NNNNNNNN`), None for any other name."""
+    m = _TAG_RE.match(tag)
+    return int(m.group(1)) if m else None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Discovery and metadata (no process group needed)
+
+
+def latest_checkpoint(checkpoint_dir: str | os.PathLike) -> Path | None:
+    """Return the newest complete checkpoint directory (the one `latest` names), or None."""
+    root = Path(checkpoint_dir)
+    marker = root / LATEST
+    if not marker.is_file():
+        return None
+    tag = marker.read_text(encoding="utf-8").strip()
+    path = root / tag
+    if not _TAG_RE.match(tag) or not (path / META_NAME).is_file():
+        raise SpellmError(f"{marker} names {tag!r}, which is not a complete checkpoint in {root}")
+    return path
+
+
+def read_meta(checkpoint: str | os.PathLike) -> dict[str, Any]:
+    """Read `spellm_meta.json` of one checkpoint directory."""
+    return read_json(
+        Path(checkpoint) / META_NAME,
+        "checkpoint metadata",
+        required=("step", "world_size"),
+        missing_hint=f"{checkpoint} is not a complete spellm-ds checkpoint (no {META_NAME})",
+    )
+
+
+def resume_target(checkpoint_dir: Path, resume: str) -> Path | None:
+    """The checkpoint to resume from; refuses to start where saves would overwrite newer checkpoints."""
+    newest = latest_checkpoint(checkpoint_dir)
+    if resume == "auto":
+        return newest
+    path = None if resume == "never" else Path(resume)
+    start = 0 if path is None else int(read_meta(path)["step"])
+    if newest is not None and int(read_meta(newest)["step"]) > start:
+        raise SpellmError(
+            f"checkpoint.resume={resume} starts at step {start}, but {checkpoint_dir} "
+            f"already holds {newest.name}, which this run would overwrite: use another checkpoint.dir "
+            "(or run_dir), resume: auto, or delete those checkpoints"
+        )
+    return path
+
+
+def prune_checkpoints(root: str | os.PathLike, keep: int) -> list[str]:
+    """Delete all but the newest `keep` complete checkpoints (0 keeps all) and partial ones; return tags."""
+    root = Path(root)
+    current = latest_checkpoint(root)
+    if current is None:
+        return []
+    newest = int(_TAG_RE.match(current.name).group(1))
+    tags = sorted((int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _TAG_RE.match(p.name)))
+    complete = [(s, p) for s, p in tags if s <= newest and (p / META_NAME).is_file()]
+    keep_set = {p for _, p in (complete[-keep:] if keep else complete)} | {current}
+    removed = []
+    for _, p in tags:
+        if p not in keep_set:
+            shutil.rmtree(p, ignore_errors=True)
+            shutil.rmtree(root / UNIVERSAL_DIR / p.name, ignore_errors=True)
+            removed.append(p.name)
+    return removed
+
+
+# ---------------------------------------------------------------------------------------------------
+# Saving and loading through the engine (collective)
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's Python, numpy, torch (and CUDA) RNG states."""
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore RNG states saved by `rng_state`."""
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save_checkpoint(
+    engine: Any,
+    root: Path,
+    step: int,
+    *,
+    client: dict[str, Any],
+    meta: dict[str, Any],
+    table: Any,
+    keep: int,
+    rank: int,
+    world_size: int,
+) -> str:
+    """Collective: write checkpoint `step_<step>` on every rank, mark it complete, prune; return its tag.
+
+    `client` (plus every rank's RNG state) goes into DeepSpeed's client state, `meta` (plus tag, step and
+    world size) into `spellm_meta.json`, `table` into `charset.json`."""
+    import torch.distributed as dist
+
+    tag = tag_for(step)
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        if (root / tag).exists():  # leftovers of a crashed save of the same step
+            shutil.rmtree(root / tag)
+    rngs: list[Any] = [None] * world_size
+    dist.all_gather_object(rngs, rng_state())
+    state = {CLIENT_KEY: {**client, "rng": rngs, "world_size": world_size}}
+    engine.save_checkpoint(str(root), tag=tag, client_state=state, save_latest=False)
+    # save_checkpoint ends with a barrier: every rank's files are written when rank 0 gets here.
+    if rank == 0:
+        table.save(root / tag / CHARSET_NAME)
+        info = {**meta, "tag": tag, "step": step, "world_size": world_size, "time": time.time()}
+        write_json(root / tag / META_NAME, info)
+        write_text(root / LATEST, tag)
+        prune_checkpoints(root, keep)
+    dist.barrier()
+    return tag
+
+
+def load_checkpoint(
+    engine: Any, checkpoint: Path, *, universal_root: Path | None, rank: int, charset_hash: str
+) -> dict[str, Any]:
+    """Collective: load `checkpoint` into the engine; return the trainer's saved client state.
+
+    `universal_root` set: the run has another world size, so the checkpoint is converted once into
+    `universal_root/<tag>` and loaded from there (RNG states then restart from the seed); otherwise
+    each rank's RNG state is restored."""
+    load_root = (
+        checkpoint.parent if universal_root is None else to_universal(checkpoint, universal_root, rank)
+    )
+    path, client = engine.load_checkpoint(str(load_root), tag=checkpoint.name)
+    if path is None or not client or CLIENT_KEY not in client:
+        raise SpellmError(f"could not load checkpoint {checkpoint}")
+    saved = client[CLIENT_KEY]
+    if saved["charset_hash"] != charset_hash:
+        raise SpellmError(
+            f"checkpoint {checkpoint} was trained with charset {saved['charset_hash'][:12]}..., "
+            f"this run uses {charset_hash[:12]}... (model.charset / model.k changed?)"
+        )
+    if universal_root is not None:
+        unshare_step_counters(engine)
+    else:
+        set_rng_state(saved["rng"][rank])
+    return saved
+
+
+def to_universal(checkpoint: Path, out_root: Path, rank: int) -> Path:
+    """Collective: rank 0 converts `checkpoint` to DeepSpeed's universal format once; return `out_root`."""
+    import torch.distributed as dist
+
+    out = out_root / checkpoint.name
+    done = out / ".complete"
+    if rank == 0 and not done.is_file():
+        shutil.rmtree(out, ignore_errors=True)
+        out_root.mkdir(parents=True, exist_ok=True)
+        cmd = [
+            sys.executable,
+            "-m",
+            "deepspeed.checkpoint.ds_to_universal",
+            "--input_folder",
+            str(checkpoint),
+            "--output_folder",
+            str(out),
+            "--num_extract_workers",
+            "1",
+            "--num_merge_workers",
+            "1",
+        ]
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            raise SpellmError(
+                f"converting {checkpoint} to a universal checkpoint failed:\n{proc.stdout[-2000:]}"
+                f"{proc.stderr[-2000:]}"
+            )
+        write_text(done, checkpoint.name)
+    dist.barrier()
+    return out_root
+
+
+def unshare_step_counters(engine: Any) -> None:
+    """Give every optimizer group its own Adam step tensor after a universal load.
+
+    DeepSpeed's universal ZeRO-3 load assigns one step tensor object to every group's state; torch's Adam
+    increments it in place once per group, so with two groups the count (and the bias correction) would
+    advance twice per step.
+    """
+    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    for state in inner.state.values():
+        step = state.get("step")
+        if isinstance(step, torch.Tensor):
+            state["step"] = step.clone()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reading a ZeRO-3 checkpoint without a process group (export)
+
+
+def _safe_globals() -> list[Any]:
+    """The non-tensor types a DeepSpeed checkpoint with RNG states holds; nothing else is unpickled."""
+    import numpy as np
+
+    allowed: list[Any] = [np.ndarray, np.dtype]
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # numpy < 2
+        from numpy.core.multiarray import _reconstruct  # type: ignore[no-redef]
+    allowed.append(_reconstruct)
+    allowed += [type(np.dtype(t)) for t in ("uint32", "int64", "float64", "float32", "bool")]
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    return [*allowed, LossScaler, DynamicLossScaler, ZeroStageEnum]
+
+
+def torch_load(path: Path) -> Any:
+    """`torch.load(mmap=True, weights_only=True)` with the checkpoint allowlist; errors name the file."""
+    try:
+        with torch.serialization.safe_globals(_safe_globals()):
+            return torch.load(str(path), map_location="cpu", mmap=True, weights_only=True)
+    except FileNotFoundError:
+        raise SpellmError(f"{path}: file does not exist") from None
+    except (RuntimeError, OSError, EOFError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise SpellmError(f"{path}: cannot be loaded as a weights-only checkpoint file ({first})") from None
+
+
+def natural_key(text: str) -> list[Any]:
+    """Sort key that orders embedded numbers numerically (`rank_2` before `rank_10`)."""
+    return [int(c) if c.isdigit() else c for c in re.split(r"(\d+)", text)]
+
+
+def resolve_checkpoint(path: str | os.PathLike, tag: str | None = None) -> Path:
+    """The directory holding the rank files: CK/TAG, the checkpoint `latest` names in CK, or CK itself."""
+    p = Path(path)
+    if not p.is_dir():
+        raise SpellmError(f"checkpoint {p} is not a directory")
+    if tag is not None:
+        p = p / tag
+    elif not any(p.glob("*_model_states.pt")) and (p / LATEST).is_file():
+        p = latest_checkpoint(p) or p
+    if not any(p.glob("*_model_states.pt")):
+        raise SpellmError(f"{p} holds no DeepSpeed *_model_states.pt files (not a checkpoint tag directory)")
+    return p
+
+
+def _rank_files(root: Path, pattern: str) -> list[Path]:
+    files = sorted(root.glob(pattern), key=lambda f: natural_key(f.name))
+    ranks = [int(re.search(r"zero_pp_rank_(\d+)_", f.name).group(1)) for f in files]  # type: ignore[union-attr]
+    if ranks != list(range(len(files))):
+        raise SpellmError(f"{root}: {pattern} files are not ranks 0..{len(files) - 1} (found ranks {ranks})")
+    return files
+
+
+@dataclass
+class ZeroCheckpoint:
+    """A read-only view of one ZeRO-3 checkpoint tag directory: names, shapes, one tensor at a time."""
+
+    path: Path
+    world_size: int = 0
+    trainable: OrderedDict[str, torch.Size] = field(default_factory=OrderedDict)
+    frozen: OrderedDict[str, torch.Size] = field(default_factory=OrderedDict)
+    shared: dict[str, str] = field(default_factory=dict)
+    buffers: dict[str, Tensor] = field(default_factory=dict)
+    client_state: dict[str, Any] = field(default_factory=dict)
+    global_steps: int | None = None
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, tag: str | None = None) -> ZeroCheckpoint:
+        """Map every rank's files and check they form one complete ZeRO-3 checkpoint."""
+        root = resolve_checkpoint(path, tag)
+        model_files = _rank_files(root, "zero_pp_rank_*_mp_rank_00_model_states.pt")
+        optim_files = _rank_files(root, "*zero_pp_rank_*_mp_rank_00_optim_states.pt")
+        models = [torch_load(f) for f in model_files]
+        optims = []
+        for f in optim_files:
+            state = torch_load(f)
+            if not isinstance(state, dict) or "optimizer_state_dict" not in state:
+                raise SpellmError(f"{f}: not a DeepSpeed optimizer state file")
+            optims.append(state["optimizer_state_dict"])
+        if not optims:
+            raise SpellmError(f"{root}: no *_optim_states.pt files (an export needs the fp32 master weights)")
+        stage = int(optims[0].get("zero_stage", -1))
+        if stage != 3:
+            raise SpellmError(f"{root}: ZeRO stage {stage} checkpoint; export reads ZeRO-3 checkpoints")
+        world = int(optims[0]["partition_count"])
+        if not len(models) == len(optims) == world:
+            raise SpellmError(
+                f"{root}: {len(models)} model-state and {len(optims)} optimizer files for world size {world} "
+                "(an incomplete or overwritten checkpoint)"
+            )
+        m0 = models[0]
+        ck = cls(path=root, world_size=world)
+        for group in m0["param_shapes"]:
+            ck.trainable.update(group)
+        ck.frozen.update(m0.get("frozen_param_shapes") or {})
+        ck.shared = dict(m0.get("shared_params") or {})
+        ck.buffers = {
+            k: v for k, v in (m0.get("module") or {}).items() if k in set(m0.get("buffer_names") or [])
+        }
+        ck.global_steps = m0.get("global_steps")
+        ck.client_state = m0.get(CLIENT_KEY) or {}
+        ck._frozen_frags = [m.get("frozen_param_fragments") or {} for m in models]
+        ck._groups = [list(o["fp32_flat_groups"]) for o in optims]
+        ck._locate()
+        return ck
+
+    def _locate(self) -> None:
+        """Offsets of every trainable parameter in the (concatenated) per-rank flat groups."""
+        w = self.world_size
+        sizes = [int(g.numel()) for g in self._groups[0]]
+        self._group_starts = [0]
+        for s in sizes:
+            self._group_starts.append(self._group_starts[-1] + s)
+        self._offsets: dict[str, tuple[int, int]] = {}
+        offset = 0
+        for name, shape in self.trainable.items():
+            part = math.ceil(math.prod(shape) / w)
+            self._offsets[name] = (offset, part)
+            offset += part
+        if offset != self._group_starts[-1]:
+            raise SpellmError(
+                f"{self.path}: trainable parameters need {offset} elements per rank but the fp32 flat groups "
+                f"hold {self._group_starts[-1]}: unknown partitioning, cannot export"
+            )
+
+    @property
+    def has_frozen_fragments(self) -> bool:
+        """Whether every frozen parameter is stored in the checkpoint."""
+        return all(all(n in frags for n in self.frozen) for frags in self._frozen_frags)
+
+    @property
+    def frozen_dtype(self) -> torch.dtype | None:
+        """The dtype frozen parameters are stored in (the training dtype), None when none are stored."""
+        for frags in self._frozen_frags[:1]:
+            for t in frags.values():
+                return t.dtype
+        return None
+
+    def _rank_slice(self, rank: int, offset: int, length: int) -> Tensor:
+        pieces = []
+        for gi, start in enumerate(self._group_starts[:-1]):
+            end = self._group_starts[gi + 1]
+            lo, hi = max(offset, start), min(offset + length, end)
+            if lo < hi:
+                pieces.append(self._groups[rank][gi][lo - start : hi - start])
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
+    def tensor(self, name: str) -> Tensor:
+        """The full tensor `name` (module name, e.g. `base.model.norm.weight`) reassembled from all ranks."""
+        if name in self.trainable:
+            shape = self.trainable[name]
+            offset, part = self._offsets[name]
+            flat = torch.cat([self._rank_slice(r, offset, part) for r in range(self.world_size)])
+        elif name in self.frozen:
+            shape = self.frozen[name]
+            frags = [f.get(name) for f in self._frozen_frags]
+            if any(f is None for f in frags):
+                raise KeyError(name)
+            flat = torch.cat([f.reshape(-1) for f in frags])
+        else:
+            raise KeyError(name)
+        return flat[: math.prod(shape)].view(shape)  # `flat` is a fresh tensor (torch.cat), not the map
+
+
+def checkpoint_meta(ck: ZeroCheckpoint) -> dict[str, Any]:
+    """Training metadata: `spellm_meta.json` beside the checkpoint, else the client state it holds."""
+    path = ck.path / META_NAME
+    if path.is_file():
+        meta = read_json(path, "checkpoint metadata")
+    else:
+        cs = ck.client_state
+        cfg = cs.get("config") or {}
+        meta = {
+            "step": (cs.get("state") or {}).get("step", ck.global_steps),
+            "charset_hash": cs.get("charset_hash"),
+            "tokenizer_hash": cs.get("tokenizer_hash"),
+            "model_path": (cfg.get("model") or {}).get("path"),
+            "k": (cfg.get("model") or {}).get("k"),
+            "config": cfg,
+        }
+    if meta.get("step") is None:
+        meta["step"] = ck.global_steps
+    return meta
+
+
+def checkpoint_table(
+    ck: ZeroCheckpoint, meta: dict[str, Any], tokenizer: Any, vocab_size: int | None, k: int
+) -> Any:
+    """The CharTable a checkpoint was trained against, its hash checked against the metadata.
+
+    The checkpoint's own `charset.json`; for a checkpoint without one, the charset file its config named,
+    else the table rebuilt from the tokenizer."""
+    from spellm_ds.charset import CharTable
+
+    want = meta.get("charset_hash")
+    if (ck.path / CHARSET_NAME).is_file():
+        return CharTable.load(ck.path / CHARSET_NAME, expected_hash=want)
+    charset_file = ((meta.get("config") or {}).get("model") or {}).get("charset")
+    if charset_file:
+        return CharTable.load(charset_file, expected_hash=want)
+    table = CharTable.build(tokenizer, k=k, vocab_size=vocab_size or len(tokenizer))
+    if want and table.hash != want:
+        table_small = CharTable.build(tokenizer, k=k)
+        if table_small.hash == want:
+            return table_small
+        raise SpellmError(
+            f"the char table rebuilt from the tokenizer (k={k}) hashes to {table.hash[:12]}..., checkpoint "
+            f"was trained with {want[:12]}...: tokenizer or charset changed since training"
+        )
+    return table
