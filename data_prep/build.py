@@ -36,6 +36,7 @@ from data_prep.corpus import (
 )
 from spellm_ds import jsonio, shards
 from spellm_ds.errors import SpellmError
+from spellm_ds.schema import Section, choice, positive, within
 
 BUILD_NAME = "build.json"
 STREAM_NAME = "stream.json"
@@ -54,7 +55,7 @@ _IDENTITY_KEYS = ("tokenizer_hash", "vocab_size", "seq_len", "top_k", "samples_p
 
 
 @dataclass(kw_only=True)
-class BuildConfig:
+class BuildConfig(Section):
     """What `spellm-ds build-shards` builds and how."""
 
     teacher: str  # local HF causal LM directory (weights + config + tokenizer)
@@ -72,28 +73,20 @@ class BuildConfig:
     head: str = "auto"  # auto | chunked (final norm state -> lm_head in row chunks) | full (HF logits)
     progress: bool = True  # tqdm bar on rank 0
 
-    def __post_init__(self) -> None:
-        problems = []
+    def problems(self) -> list[str]:
+        p: list[str] = []
         if self.seq_len < 2:
-            problems.append(f"seq_len must be >= 2, got {self.seq_len}")
-        if self.samples_per_shard < 1:
-            problems.append(f"samples_per_shard must be >= 1, got {self.samples_per_shard}")
-        if self.batch_size < 1:
-            problems.append(f"batch_size must be >= 1, got {self.batch_size}")
-        if not 1 <= self.top_k <= 64:
-            problems.append(f"top_k must be in [1, 64], got {self.top_k}")
-        if self.max_samples is not None and self.max_samples < 1:
-            problems.append(f"max_samples must be >= 1, got {self.max_samples}")
-        if self.dtype not in DTYPES:
-            problems.append(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        if self.head not in HEAD_MODES:
-            problems.append(f"head must be one of {', '.join(HEAD_MODES)}, got {self.head!r}")
-        if self.device_map not in (None, "auto"):
-            problems.append(f"device_map must be 'auto' or unset, got {self.device_map!r}")
+            p.append(f"build.seq_len must be >= 2, got {self.seq_len}")
+        positive(p, "build.samples_per_shard", self.samples_per_shard)
+        positive(p, "build.batch_size", self.batch_size)
+        within(p, "build.top_k", self.top_k, 1, 64)
+        positive(p, "build.max_samples", self.max_samples)
+        choice(p, "build.dtype", self.dtype, DTYPES)
+        choice(p, "build.head", self.head, HEAD_MODES)
+        choice(p, "build.device_map", self.device_map, (None, "auto"))
         if not self.inputs:
-            problems.append("inputs: at least one input file or pattern is required")
-        if problems:
-            raise SpellmError("; ".join(problems))
+            p.append("build.inputs: at least one input file or pattern is required")
+        return p
 
 
 @dataclass(kw_only=True)

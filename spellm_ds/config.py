@@ -19,11 +19,8 @@ Relative paths resolve against the current directory.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import os
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -32,47 +29,15 @@ import yaml
 
 from spellm_ds.errors import SpellmError
 from spellm_ds.jsonio import read_json
+from spellm_ds.schema import ConfigError, Section, build, positive, set_dotted
 
 Selection = Literal["lowest", "teacher_prior"]
 Regularizer = Literal["kl6", "ce_top1", "none"]
 DType = Literal["fp32", "bf16"]
 
 
-class ConfigError(SpellmError):
-    """One or more problems with a run config; `.problems` lists each one."""
-
-    def __init__(self, what: str, problems: list[str]) -> None:
-        self.problems = list(problems)
-        lines = "\n".join(f"  - {p}" for p in self.problems)
-        super().__init__(f"{what}: {len(self.problems)} problem(s):\n{lines}")
-
-
-def _problems_error(what: str, problems: list[str]) -> ConfigError:
-    return ConfigError(what, problems)
-
-
-class _Section:
-    """Mixin: `__post_init__` raises one SpellmError listing every problem `problems()` returns."""
-
-    def problems(self) -> list[str]:
-        """Return human-readable problems with this section's values (empty when valid)."""
-        return []
-
-    def __post_init__(self) -> None:
-        found = self.problems()
-        if found:
-            raise _problems_error(f"invalid {type(self).__name__}", found)
-
-
-def _positive(problems: list[str], name: str, value: float | None, allow_zero: bool = False) -> None:
-    if value is None:
-        return
-    if value < 0 or (value == 0 and not allow_zero):
-        problems.append(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
-
-
 @dataclass(kw_only=True)
-class ModelConfig(_Section):
+class ModelConfig(Section):
     """The student: a local HF causal LM plus k char heads."""
 
     path: str
@@ -88,13 +53,13 @@ class ModelConfig(_Section):
 
     def problems(self) -> list[str]:
         p: list[str] = []
-        _positive(p, "model.trainable_layers", self.trainable_layers, allow_zero=True)
-        _positive(p, "model.k", self.k)
+        positive(p, "model.trainable_layers", self.trainable_layers, allow_zero=True)
+        positive(p, "model.k", self.k)
         return p
 
 
 @dataclass(kw_only=True)
-class DataConfig(_Section):
+class DataConfig(Section):
     """Teacher shards (see `spellm_ds.shards`) streamed by `spellm_ds.data`."""
 
     train: str
@@ -110,13 +75,13 @@ class DataConfig(_Section):
 
     def problems(self) -> list[str]:
         p: list[str] = []
-        _positive(p, "data.seq_len", self.seq_len)
-        _positive(p, "data.num_workers", self.num_workers, allow_zero=True)
+        positive(p, "data.seq_len", self.seq_len)
+        positive(p, "data.num_workers", self.num_workers, allow_zero=True)
         return p
 
 
 @dataclass(kw_only=True)
-class BatchConfig(_Section):
+class BatchConfig(Section):
     """Batch sizes; the identity `train = micro x grad_accum x world_size` is checked at start."""
 
     micro: int = 1
@@ -128,9 +93,9 @@ class BatchConfig(_Section):
 
     def problems(self) -> list[str]:
         p: list[str] = []
-        _positive(p, "batch.micro", self.micro)
-        _positive(p, "batch.grad_accum", self.grad_accum)
-        _positive(p, "batch.train", self.train)
+        positive(p, "batch.micro", self.micro)
+        positive(p, "batch.grad_accum", self.grad_accum)
+        positive(p, "batch.train", self.train)
         if (
             self.train is not None
             and self.grad_accum is not None
@@ -172,7 +137,7 @@ class BatchConfig(_Section):
 
 
 @dataclass(kw_only=True)
-class OptimConfig(_Section):
+class OptimConfig(Section):
     """AdamW over the trainable parameters only."""
 
     lr: float = 1e-4
@@ -191,18 +156,18 @@ class OptimConfig(_Section):
 
     def problems(self) -> list[str]:
         p: list[str] = []
-        _positive(p, "optim.lr", self.lr)
-        _positive(p, "optim.mlp_lr_scale", self.mlp_lr_scale, allow_zero=True)
-        _positive(p, "optim.weight_decay", self.weight_decay, allow_zero=True)
-        _positive(p, "optim.eps", self.eps)
-        _positive(p, "optim.grad_clip", self.grad_clip, allow_zero=True)
+        positive(p, "optim.lr", self.lr)
+        positive(p, "optim.mlp_lr_scale", self.mlp_lr_scale, allow_zero=True)
+        positive(p, "optim.weight_decay", self.weight_decay, allow_zero=True)
+        positive(p, "optim.eps", self.eps)
+        positive(p, "optim.grad_clip", self.grad_clip, allow_zero=True)
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             p.append(f"optim.betas must be two values in [0, 1), got {self.betas}")
         return p
 
 
 @dataclass(kw_only=True)
-class ScheduleConfig(_Section):
+class ScheduleConfig(Section):
     """Linear warmup from 0 to `optim.lr`, then cosine decay to `min_lr` at `max_steps`."""
 
     warmup_steps: int = 0
@@ -212,13 +177,13 @@ class ScheduleConfig(_Section):
 
     def problems(self) -> list[str]:
         p: list[str] = []
-        _positive(p, "schedule.warmup_steps", self.warmup_steps, allow_zero=True)
-        _positive(p, "schedule.min_lr", self.min_lr, allow_zero=True)
+        positive(p, "schedule.warmup_steps", self.warmup_steps, allow_zero=True)
+        positive(p, "schedule.min_lr", self.min_lr, allow_zero=True)
         return p
 
 
 @dataclass(kw_only=True)
-class LossConfig(_Section):
+class LossConfig(Section):
     """Char loss with top-5 selection plus a token-level regulariser on the frozen lm_head."""
 
     selection: Selection = "lowest"
@@ -236,14 +201,14 @@ class LossConfig(_Section):
 
     def problems(self) -> list[str]:
         p: list[str] = []
-        _positive(p, "loss.tau", self.tau, allow_zero=True)
-        _positive(p, "loss.reg_weight", self.reg_weight, allow_zero=True)
-        _positive(p, "loss.reg_chunk", self.reg_chunk)
+        positive(p, "loss.tau", self.tau, allow_zero=True)
+        positive(p, "loss.reg_weight", self.reg_weight, allow_zero=True)
+        positive(p, "loss.reg_chunk", self.reg_chunk)
         return p
 
 
 @dataclass(kw_only=True)
-class WarmStartConfig(_Section):
+class WarmStartConfig(Section):
     """A fit of the char heads before step 0, on the untouched model's final hidden states."""
 
     positions: int = 0
@@ -256,14 +221,14 @@ class WarmStartConfig(_Section):
 
     def problems(self) -> list[str]:
         p: list[str] = []
-        _positive(p, "warm_start.positions", self.positions, allow_zero=True)
-        _positive(p, "warm_start.iters", self.iters)
-        _positive(p, "warm_start.l2", self.l2, allow_zero=True)
+        positive(p, "warm_start.positions", self.positions, allow_zero=True)
+        positive(p, "warm_start.iters", self.iters)
+        positive(p, "warm_start.l2", self.l2, allow_zero=True)
         return p
 
 
 @dataclass(kw_only=True)
-class EvalConfig(_Section):
+class EvalConfig(Section):
     """Periodic evaluation on `data.eval`."""
 
     interval: int = 0
@@ -275,14 +240,14 @@ class EvalConfig(_Section):
 
     def problems(self) -> list[str]:
         p: list[str] = []
-        _positive(p, "eval.interval", self.interval, allow_zero=True)
-        _positive(p, "eval.batches", self.batches)
-        _positive(p, "eval.text_samples", self.text_samples, allow_zero=True)
+        positive(p, "eval.interval", self.interval, allow_zero=True)
+        positive(p, "eval.batches", self.batches)
+        positive(p, "eval.text_samples", self.text_samples, allow_zero=True)
         return p
 
 
 @dataclass(kw_only=True)
-class CheckpointConfig(_Section):
+class CheckpointConfig(Section):
     """Resumable training state (DeepSpeed engine state + client state)."""
 
     dir: str | None = None
@@ -297,15 +262,15 @@ class CheckpointConfig(_Section):
 
     def problems(self) -> list[str]:
         p: list[str] = []
-        _positive(p, "checkpoint.interval", self.interval)
-        _positive(p, "checkpoint.keep_latest_k", self.keep_latest_k, allow_zero=True)
+        positive(p, "checkpoint.interval", self.interval)
+        positive(p, "checkpoint.keep_latest_k", self.keep_latest_k, allow_zero=True)
         if not self.resume:
             p.append("checkpoint.resume must be auto, never or a checkpoint path")
         return p
 
 
 @dataclass(kw_only=True)
-class TrainConfig(_Section):
+class TrainConfig(Section):
     """One distillation run."""
 
     run_dir: str
@@ -334,9 +299,9 @@ class TrainConfig(_Section):
 
     def problems(self) -> list[str]:
         p: list[str] = []
-        _positive(p, "max_steps", self.max_steps)
-        _positive(p, "max_consecutive_nonfinite", self.max_consecutive_nonfinite)
-        _positive(p, "log_interval", self.log_interval)
+        positive(p, "max_steps", self.max_steps)
+        positive(p, "max_consecutive_nonfinite", self.max_consecutive_nonfinite)
+        positive(p, "log_interval", self.log_interval)
         if self.schedule.warmup_steps > self.max_steps:
             p.append(f"schedule.warmup_steps={self.schedule.warmup_steps} exceeds max_steps={self.max_steps}")
         if self.schedule.min_lr > self.optim.lr:
@@ -364,181 +329,6 @@ class TrainConfig(_Section):
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
-# ---------------------------------------------------------------------------------------------------
-# Strict loading and typed conversion
-# ---------------------------------------------------------------------------------------------------
-
-_MISSING = object()
-_TRUE = {"true", "yes", "on", "1"}
-_FALSE = {"false", "no", "off", "0"}
-
-
-def _convert(value: Any, tp: Any, name: str) -> Any:
-    """Convert a YAML or override value to type `tp`; raise SpellmError naming the field."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        is_null = value is None or (isinstance(value, str) and value.strip().lower() in {"null", "none", "~"})
-        if is_null and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _convert(value, inner[0], name)
-    if origin is Literal:
-        choices = typing.get_args(tp)
-        if value not in choices:
-            raise SpellmError(f"{name}={value!r} is not one of {', '.join(map(str, choices))}")
-        return value
-    if origin is list:
-        (item,) = typing.get_args(tp)
-        if isinstance(value, str):
-            text = value.strip()
-            value = yaml.safe_load(text if text.startswith("[") else f"[{text}]")
-        if not isinstance(value, list | tuple):
-            raise SpellmError(f"{name}={value!r} is not a list")
-        return [_convert(v, item, f"{name}[{i}]") for i, v in enumerate(value)]
-    if value is None:
-        raise SpellmError(f"{name} must not be null")
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
-            return value.strip().lower() in _TRUE
-        raise SpellmError(f"{name}={value!r} is not a boolean (true/false)")
-    if tp is int:
-        if isinstance(value, bool):
-            raise SpellmError(f"{name}={value!r} is not an integer")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, str):
-            try:
-                return int(value.strip().replace("_", ""))
-            except ValueError:
-                pass
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise SpellmError(f"{name}={value!r} is not an integer")
-    if tp is float:
-        if isinstance(value, bool):
-            raise SpellmError(f"{name}={value!r} is not a number")
-        if isinstance(value, int | float):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value.strip())
-            except ValueError:
-                pass
-        raise SpellmError(f"{name}={value!r} is not a number")
-    if tp is str:
-        if isinstance(value, str | int | float) and not isinstance(value, bool):
-            return str(value)
-        raise SpellmError(f"{name}={value!r} is not a string")
-    raise SpellmError(f"{name}: unsupported field type {tp}")
-
-
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def _unknown(name: str, known: list[str]) -> str:
-    parent, _, leaf = name.rpartition(".")
-    close = difflib.get_close_matches(leaf, known, n=1)
-    hint = f" (did you mean {(parent + '.' if parent else '') + close[0]!r}?)" if close else ""
-    return f"unknown key {name!r}{hint}"
-
-
-def _default(f: dataclasses.Field) -> Any:
-    if f.default is not dataclasses.MISSING:
-        return f.default
-    if f.default_factory is not dataclasses.MISSING:
-        return f.default_factory()
-    return _MISSING
-
-
-def _build(cls: type, data: Any, prefix: str, problems: list[str]) -> tuple[Any, bool]:
-    """Build dataclass `cls` from a mapping, appending every problem found; return (object, ok).
-
-    When a value is bad, the object is still assembled (bad values replaced by defaults, without
-    `__init__`) so the remaining range checks run and report too; then ok is False.
-    """
-    where = prefix.rstrip(".") or "the config"
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        problems.append(f"{where} must be a mapping, got {type(data).__name__}")
-        data = {}
-    hints = _hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    for key in data:
-        if key not in fields:
-            problems.append(_unknown(f"{prefix}{key}", list(fields)))
-    values: dict[str, Any] = {}
-    ok, complete = True, True
-    for name, f in fields.items():
-        full = f"{prefix}{name}"
-        tp = hints[name]
-        if dataclasses.is_dataclass(tp):
-            values[name], sub_ok = _build(tp, data.get(name), f"{full}.", problems)
-            ok &= sub_ok
-            complete &= values[name] is not None
-            continue
-        if name not in data:
-            values[name] = _default(f)
-            if values[name] is _MISSING:
-                problems.append(f"missing required key {full!r}")
-                ok = complete = False
-            continue
-        try:
-            values[name] = _convert(data[name], tp, full)
-        except SpellmError as exc:
-            problems.append(str(exc))
-            ok = False
-            values[name] = _default(f)
-            complete &= values[name] is not _MISSING
-    if not complete:
-        return None, False
-    if ok:
-        try:
-            return cls(**values), True
-        except ConfigError:
-            ok = False  # the problems are collected just below, from the partial object
-    partial = object.__new__(cls)
-    for name, value in values.items():
-        object.__setattr__(partial, name, value)
-    problems.extend(partial.problems())
-    return partial, False
-
-
-def _set_dotted(data: dict[str, Any], key: str, raw: str, problems: list[str]) -> None:
-    """Apply one `a.b.c=value` override to nested dicts, checking the path against the schema."""
-    parts = key.split(".")
-    cls: Any = TrainConfig
-    node = data
-    for i, part in enumerate(parts):
-        names = [f.name for f in dataclasses.fields(cls)]
-        if part not in names:
-            problems.append(f"override {key}={raw}: " + _unknown(".".join(parts[: i + 1]), names))
-            return
-        tp = _hints(cls)[part]
-        last = i == len(parts) - 1
-        if dataclasses.is_dataclass(tp):
-            if last:
-                problems.append(f"override {key}={raw}: {key!r} is a section, set one of its keys")
-                return
-            child = node.get(part)
-            if not isinstance(child, dict):
-                child = {}
-                node[part] = child
-            node, cls = child, tp
-            continue
-        if not last:
-            problems.append(f"override {key}={raw}: {'.'.join(parts[: i + 1])!r} is not a section")
-            return
-        try:
-            node[part] = _convert(raw, tp, key)
-        except SpellmError as exc:
-            problems.append(f"override: {exc}")
-
-
 def config_from_dict(
     data: dict[str, Any], overrides: list[str] | None = None, source: str = "<dict>"
 ) -> TrainConfig:
@@ -550,10 +340,10 @@ def config_from_dict(
         if not sep or not key.strip():
             problems.append(f"override {item!r} is not key=value")
             continue
-        _set_dotted(data, key.strip(), raw, problems)
-    cfg, ok = _build(TrainConfig, data, "", problems)
+        set_dotted(TrainConfig, data, key.strip(), raw, problems)
+    cfg, ok = build(TrainConfig, data, "", problems)
     if problems or not ok:
-        raise _problems_error(f"config {source}", problems or ["could not build the config"])
+        raise ConfigError(f"config {source}", problems or ["could not build the config"])
     return cfg
 
 
@@ -722,7 +512,7 @@ def preflight(cfg: TrainConfig, world_size: int) -> Preflight:
     if resume not in ("auto", "never") and not Path(resume).is_dir():
         problems.append(f"checkpoint.resume: {resume} is not auto, never or an existing checkpoint directory")
     if problems:
-        raise _problems_error("cannot start training", problems)
+        raise ConfigError("cannot start training", problems)
     assert train_index is not None and tok_hash is not None
     return Preflight(
         micro=micro,

@@ -74,6 +74,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from spellm_ds.errors import ShardError, SpellmError
+from spellm_ds.schema import Section, positive
 from spellm_ds.shards import decode_sample, iter_tar_members, key_to_index, read_index
 
 STATE_FORMAT = "spellm-ds-loader-state"
@@ -105,7 +106,7 @@ def check_tokenizer(
 
 
 @dataclass(kw_only=True)
-class LoaderConfig:
+class LoaderConfig(Section):
     """How to stream one teacher-shard dataset."""
 
     location: str  # dataset directory or URL prefix (``pipe:...`` allowed) holding index.json
@@ -124,20 +125,15 @@ class LoaderConfig:
     prefetch_factor: int = 2  # batches prefetched per worker
     pin_memory: bool = False  # pin batches for faster host-to-GPU copies
 
-    def __post_init__(self) -> None:
-        problems = []
+    def problems(self) -> list[str]:
+        p: list[str] = []
         if not str(self.location):
-            problems.append("location must not be empty")
-        if self.batch_size < 1:
-            problems.append(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.num_workers < 0:
-            problems.append(f"num_workers must be >= 0, got {self.num_workers}")
-        if self.shuffle_buffer < 1:
-            problems.append(f"shuffle_buffer must be >= 1, got {self.shuffle_buffer}")
-        if self.prefetch_factor < 1:
-            problems.append(f"prefetch_factor must be >= 1, got {self.prefetch_factor}")
-        if problems:
-            raise SpellmError("LoaderConfig: " + "; ".join(problems))
+            p.append("loader.location must not be empty")
+        positive(p, "loader.batch_size", self.batch_size)
+        positive(p, "loader.num_workers", self.num_workers, allow_zero=True)
+        positive(p, "loader.shuffle_buffer", self.shuffle_buffer)
+        positive(p, "loader.prefetch_factor", self.prefetch_factor)
+        return p
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -84,6 +84,7 @@ from pathlib import Path
 
 from spellm_ds.errors import SpellmError
 from spellm_ds.jsonio import read_json
+from spellm_ds.schema import Section, positive
 
 GIB = 1024**3
 SUPPORTED_ARCHS = ("llama", "mistral", "qwen2")
@@ -215,7 +216,7 @@ class ModelShape:
 
 
 @dataclass(kw_only=True)
-class PlanInputs:
+class PlanInputs(Section):
     """Cluster size and run shape the plan is made for."""
 
     nodes: int
@@ -234,18 +235,14 @@ class PlanInputs:
     inter_node_gbs: float = 50.0  # per-GPU bus bandwidth across nodes, GB/s (400 Gb/s NIC per GPU)
     intra_node_gbs: float = 300.0  # per-GPU bus bandwidth inside a node, GB/s (NVLink class)
 
-    def __post_init__(self) -> None:
-        problems = []
+    def problems(self) -> list[str]:
+        problems: list[str] = []
         for name in ("nodes", "gpus_per_node", "seq_len", "micro_batch", "grad_accum", "k", "num_chars"):
-            if getattr(self, name) < 1:
-                problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
+            positive(problems, f"plan.{name}", getattr(self, name))
         for name in ("gpu_mem_gib", "inter_node_gbs", "intra_node_gbs", "reg_chunk_tokens"):
-            if getattr(self, name) <= 0:
-                problems.append(f"{name} must be > 0, got {getattr(self, name)}")
-        if self.trainable_layers < 0:
-            problems.append(f"trainable_layers must be >= 0, got {self.trainable_layers}")
-        if self.reserve_gib < 0:
-            problems.append(f"reserve_gib must be >= 0, got {self.reserve_gib}")
+            positive(problems, f"plan.{name}", getattr(self, name))
+        positive(problems, "plan.trainable_layers", self.trainable_layers, allow_zero=True)
+        positive(problems, "plan.reserve_gib", self.reserve_gib, allow_zero=True)
         if self.hpz is not None and (
             self.hpz < 1
             or self.gpus_per_node < 1
@@ -253,11 +250,10 @@ class PlanInputs:
             or self.gpus_per_node % self.hpz
         ):
             problems.append(
-                f"hpz must divide gpus_per_node ({self.gpus_per_node}) so the secondary partition stays "
-                f"inside a node, got {self.hpz}"
+                f"plan.hpz must divide gpus_per_node ({self.gpus_per_node}) so the secondary partition "
+                f"stays inside a node, got {self.hpz}"
             )
-        if problems:
-            raise SpellmError("plan: " + "; ".join(problems))
+        return problems
 
     @property
     def world_size(self) -> int:

@@ -515,7 +515,7 @@ def test_tokenizer_mismatch_is_refused(dataset):
 
 def test_config_and_empty_epoch_errors(dataset):
     location, _ = dataset
-    with pytest.raises(SpellmError, match="batch_size must be >= 1"):
+    with pytest.raises(SpellmError, match=r"loader\.batch_size must be > 0"):
         LoaderConfig(location=str(location), batch_size=0)
     ld = loader(location, batch_size=64)  # 30 samples give no full batch of 64
     with pytest.raises(SpellmError, match="no batch of 64"):
