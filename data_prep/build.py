@@ -36,6 +36,7 @@ from data_prep.corpus import (
 )
 from spellm_ds import jsonio, shards
 from spellm_ds.errors import SpellmError
+from spellm_ds.log import ALL_RANKS, get_logger
 from spellm_ds.schema import Section, choice, positive, within
 
 BUILD_NAME = "build.json"
@@ -52,6 +53,8 @@ _LOGIT_POSTPROCESSING = (
 )
 # Identity fields: a rerun into the same directory must match every one of them.
 _IDENTITY_KEYS = ("tokenizer_hash", "vocab_size", "seq_len", "top_k", "samples_per_shard")
+
+_LOG = get_logger("build-shards")
 
 
 @dataclass(kw_only=True)
@@ -491,7 +494,8 @@ def worker_slot(rank: int | None = None, world_size: int | None = None) -> tuple
 
 
 def _log(msg: str) -> None:
-    print(f"[build-shards] {msg}", file=sys.stderr, flush=True)
+    """Log a progress line of this worker (every worker shows its own)."""
+    _LOG.info(msg, extra=ALL_RANKS)
 
 
 def build_shards(cfg: BuildConfig, rank: int | None = None, world_size: int | None = None) -> BuildSummary:

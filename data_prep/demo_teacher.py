@@ -32,6 +32,7 @@ from typing import Any
 
 from spellm_ds.errors import SpellmError
 from spellm_ds.jsonio import read_json_or_none, write_json
+from spellm_ds.log import get_logger, setup_logging
 
 # Bump when a change here alters the teacher that a given configuration produces.
 CODE_VERSION = "demo-teacher-1"
@@ -371,8 +372,7 @@ def _train(
     return result
 
 
-def _say(text: str) -> None:
-    print(text, flush=True)
+_say = get_logger("demo-teacher").info
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -398,6 +398,7 @@ def _config_from_args(args: argparse.Namespace) -> DemoTeacherConfig:
 def main(argv: list[str] | None = None) -> int:
     """Build or reuse the demo teacher and print its held-out perplexity; user errors exit 2."""
     args = _parse_args(argv)
+    setup_logging()
     try:
         cfg = DemoTeacherConfig(
             **{f.name: getattr(args, f.name) for f in dataclasses.fields(DemoTeacherConfig)}

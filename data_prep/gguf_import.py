@@ -22,13 +22,13 @@ import hashlib
 import importlib.util
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from spellm_ds import jsonio
 from spellm_ds.errors import SpellmError
+from spellm_ds.log import get_logger
 
 META_NAME = "gguf_import.json"
 FORMAT_NAME = "spellm-ds-gguf-import"
@@ -46,8 +46,7 @@ _HASH_CHUNK = 1 << 20
 _hash_cache: dict[tuple[str, int, int], str] = {}
 
 
-def _log(msg: str) -> None:
-    print(f"[import-gguf] {msg}", file=sys.stderr, flush=True)
+_log = get_logger("import-gguf").info
 
 
 def smollm2_gguf() -> Path:

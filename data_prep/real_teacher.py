@@ -32,6 +32,7 @@ from typing import Any
 
 from spellm_ds.errors import SpellmError
 from spellm_ds.jsonio import read_json_or_none, write_json
+from spellm_ds.log import get_logger, setup_logging
 
 CODE_VERSION = "real-teacher-1"
 META_NAME = "real_teacher.json"
@@ -129,8 +130,7 @@ def _heldout_perplexity(model_dir: Path, docs: list[str], cfg: RealTeacherConfig
     return ppl, int(rows[:, 1:].numel()), int(params)
 
 
-def _say(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
+_say = get_logger("real-teacher").info
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -146,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-tokens", type=int, default=d.eval_tokens)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     args = p.parse_args(argv)
+    setup_logging()
     try:
         cfg = RealTeacherConfig(
             seq_len=args.seq_len, eval_tokens=args.eval_tokens, batch_size=args.batch_size

@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from spellm_ds.dist import default_device
+from spellm_ds.dist import default_device, detect
 from spellm_ds.errors import SpellmError
+from spellm_ds.log import setup_logging
 
 # Each subcommand owns one section below: `_add_<name>(subparsers)` registers its parser and sets
 # `func` to a `_run_<name>(args) -> int` that imports its library module lazily (fast `--help`).
@@ -583,6 +584,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        setup_logging(detect().rank)
         return int(args.func(args) or 0)
     except SpellmError as exc:
         print(f"spellm-ds {args.command}: error: {exc}", file=sys.stderr)

@@ -59,7 +59,6 @@ import os
 import random
 import resource
 import signal
-import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -71,7 +70,9 @@ import torch
 
 from spellm_ds import checkpoint as ckpt
 from spellm_ds.config import Preflight, TrainConfig, fill_ds_config, preflight
+from spellm_ds.log import ALL_RANKS, get_logger
 
+_LOG = get_logger("train")
 EXIT_OK = 0
 EXIT_NONFINITE = 3
 EXIT_INTERRUPTED = 75
@@ -192,7 +193,7 @@ def train(cfg: TrainConfig) -> int:
         while state.step < cfg.max_steps:
             if _any_rank(run, stop.signum != 0):
                 _save(run, state)
-                _say(run, f"signal received: saved {ckpt.tag_for(state.step)}; exiting {EXIT_INTERRUPTED}")
+                _say(f"signal received: saved {ckpt.tag_for(state.step)}; exiting {EXIT_INTERRUPTED}")
                 clean = True
                 return EXIT_INTERRUPTED
             stats = _train_step(run, state)
@@ -203,11 +204,11 @@ def train(cfg: TrainConfig) -> int:
             if state.step % cfg.checkpoint.interval == 0 or state.step == cfg.max_steps:
                 _save(run, state)
             _fault_hooks(run, state)
-        _say(run, f"done: {state.step} steps, {state.tokens_seen} tokens, {state.skipped_nonfinite} skipped")
+        _say(f"done: {state.step} steps, {state.tokens_seen} tokens, {state.skipped_nonfinite} skipped")
         clean = True
         return EXIT_OK
     except NonFiniteError as exc:  # raised on every rank at once (the loss check is all-reduced)
-        _say(run, f"error: {exc}")
+        _say(f"error: {exc}")
         clean = True
         return EXIT_NONFINITE
     finally:
@@ -337,9 +338,9 @@ def _teardown(run: Run, clean: bool) -> None:
         dist.destroy_process_group()
 
 
-def _say(run: Run, text: str, always: bool = False) -> None:
-    if run.rank == 0 or always:
-        print(f"[spellm-ds train rank {run.rank}] {text}", file=sys.stderr, flush=True)
+def _say(text: str, always: bool = False) -> None:
+    """Log a progress line (rank 0 only unless `always`)."""
+    _LOG.info(text, extra=ALL_RANKS if always else None)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -447,7 +448,7 @@ def _train_step(run: Run, state: TrainState) -> StepStats:
 def _skip_nonfinite(run: Run, state: TrainState) -> None:
     state.skipped_nonfinite += 1
     state.consecutive_nonfinite += 1
-    _say(run, f"step {state.step + 1}: non-finite loss, micro-batch {state.batches} skipped")
+    _say(f"step {state.step + 1}: non-finite loss, micro-batch {state.batches} skipped")
     if state.consecutive_nonfinite >= run.cfg.max_consecutive_nonfinite:
         raise NonFiniteError(
             f"{state.consecutive_nonfinite} micro-batches in a row had a non-finite loss "
@@ -575,7 +576,6 @@ def _log_start(run: Run, state: TrainState, resume: Path | None) -> None:
     total = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in run.engine.module.parameters())
     where = f"resumed from {resume}" + (" (universal)" if run.universal else "") if resume else "fresh start"
     _say(
-        run,
         f"{where} at step {state.step}; world size {run.world_size}, micro {run.pre.micro} x accum "
         f"{run.pre.grad_accum} = batch {run.pre.train_batch}; trainable {trainable:,} of {total:,} params",
     )
@@ -637,7 +637,7 @@ def _log_train(run: Run, state: TrainState, stats: StepStats) -> None:
         run.writer.add_scalar(name, value, state.step)
     run.writer.flush()
     if state.step == 1 or state.step % (10 * run.cfg.log_interval) == 0 or state.step == run.cfg.max_steps:
-        _say(run, f"step {state.step}: loss {scalars.get('train/loss', float('nan')):.4f} lr {stats.lr:.3g}")
+        _say(f"step {state.step}: loss {scalars.get('train/loss', float('nan')):.4f} lr {stats.lr:.3g}")
 
 
 def _warm_start(run: Run) -> None:
@@ -673,7 +673,6 @@ def _warm_start(run: Run) -> None:
             run.writer.add_scalar(f"warm_start/{name}", value, 0)
         run.writer.flush()
     _say(
-        run,
         f"warm start: char heads fitted on {fit['positions']:.0f} positions in {fit['seconds']:.1f} s: "
         f"char accuracy {fit['char_acc']:.3f}, cross-entropy {fit['char_ce']:.3f} per head "
         f"(zero heads: {fit['char_ce_zero']:.3f})",
@@ -717,7 +716,7 @@ def _evaluate(run: Run, state: TrainState) -> dict[str, float]:
         if sample_batch is not None and run.cfg.eval.text_samples:
             run.writer.add_text("eval/samples", _text_samples(run, *sample_batch), state.step)
         run.writer.flush()
-    _say(run, f"eval at step {state.step}: loss {result.get('eval/loss', float('nan')):.4f}")
+    _say(f"eval at step {state.step}: loss {result.get('eval/loss', float('nan')):.4f}")
     return result
 
 
