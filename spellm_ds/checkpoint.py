@@ -31,11 +31,13 @@ the parameters in `param_shapes` order); a frozen one is reassembled from every 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import random
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -136,6 +138,35 @@ def prune_checkpoints(root: str | os.PathLike, keep: int) -> list[str]:
 # Saving and loading through the engine (collective)
 
 
+def check_writable_everywhere(directory: Path, rank: int) -> None:
+    """Collective: raise on every rank unless every rank can create a file in `directory`.
+
+    Checkpoints are written by all ranks into one shared directory; a node that sees it read-only (or
+    as a node-local path that does not exist) would otherwise fail only at the first save, hours in.
+    """
+    import torch.distributed as dist
+
+    if rank == 0:
+        with contextlib.suppress(OSError):  # reported below, with every other rank's view
+            directory.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+    probe = directory / f".write-probe-{socket.gethostname()}-{rank}"
+    try:
+        probe.write_bytes(b"")
+        probe.unlink()
+        problem = ""
+    except OSError as exc:
+        problem = f"rank {rank} on {socket.gethostname()}: {exc.strerror or exc}"
+    problems: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(problems, problem)
+    bad = [p for p in problems if p]
+    if bad:
+        raise SpellmError(
+            f"checkpoint directory {directory} is not writable from every rank ({'; '.join(bad)}); "
+            "checkpoint.dir must be one shared path that every node can write"
+        )
+
+
 def rng_state() -> dict[str, Any]:
     """This process's Python, numpy, torch (and CUDA) RNG states."""
     state = {
@@ -183,7 +214,12 @@ def save_checkpoint(
     rngs: list[Any] = [None] * world_size
     dist.all_gather_object(rngs, rng_state())
     state = {CLIENT_KEY: {**client, "rng": rngs, "world_size": world_size}}
-    engine.save_checkpoint(str(root), tag=tag, client_state=state, save_latest=False)
+    try:
+        engine.save_checkpoint(str(root), tag=tag, client_state=state, save_latest=False)
+    except OSError as exc:  # the other ranks fail in the barrier that ends save_checkpoint; `latest` stays
+        raise SpellmError(
+            f"writing checkpoint {root / tag} failed on rank {rank} ({socket.gethostname()}): {exc}"
+        ) from exc
     # save_checkpoint ends with a barrier: every rank's files are written when rank 0 gets here.
     if rank == 0:
         table.save(root / tag / CHARSET_NAME)

@@ -445,7 +445,12 @@ def build_spellm_model(
 
         _HF_DS_CONFIG = HfDeepSpeedConfig(cfg)
         base = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=dtype)
-        with deepspeed.zero.Init(config_dict_or_path=cfg):
+        # With ZeRO++ hpZ the Init inside from_pretrained built the secondary-partition group; a second
+        # Init that is not handed that group tries to build it again and DeepSpeed asserts.
+        from deepspeed.utils import groups
+
+        hpz_group = getattr(groups, "_ZERO_PARAM_INTRA_PARALLEL_GROUP", None)
+        with deepspeed.zero.Init(config_dict_or_path=cfg, zero_param_parallel_group=hpz_group):
             model = SpeLLMModel(base, k, num_chars, trainable_layers, head_init_std)
     else:
         base = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=dtype)

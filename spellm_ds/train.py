@@ -59,6 +59,7 @@ import os
 import random
 import resource
 import signal
+import socket
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -70,6 +71,7 @@ import torch
 
 from spellm_ds import checkpoint as ckpt
 from spellm_ds.config import Preflight, TrainConfig, fill_ds_config, preflight
+from spellm_ds.errors import SpellmError
 from spellm_ds.log import ALL_RANKS, get_logger
 
 _LOG = get_logger("train")
@@ -123,6 +125,8 @@ class Run:
     eval_loader: Any = None
     writer: Any = None
     universal: bool = False
+    # ZeRO++ hpZ: [(ranks, hosts)] of every secondary-partition group DeepSpeed built (empty when off)
+    hpz_groups: list[tuple[list[int], list[str]]] = field(default_factory=list)
     saved_step: int = -1  # step of the newest checkpoint this process wrote or resumed from
     corrupt_at_start: int = 0  # corrupt samples counted before this process started (all ranks)
     trace: Any = None
@@ -237,12 +241,14 @@ def _setup(cfg: TrainConfig, pre: Preflight, info: Any, resume: Path | None) -> 
     warnings.filterwarnings(
         "ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning
     )
+    check_hpz_fits_node(cfg.deepspeed, pre.ds_config, info.local_world_size)
     device_name, backend = device_and_backend(info)
     device = torch.device(device_name)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     export_torch_env(info)
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+    ckpt.check_writable_everywhere(cfg.checkpoint_dir, info.rank)
     _seed_all(cfg.seed)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
     if cfg.model.charset:
@@ -256,6 +262,7 @@ def _setup(cfg: TrainConfig, pre: Preflight, info: Any, resume: Path | None) -> 
     model = _build_model(cfg, table, ds_config)
     groups = model.param_groups(cfg.optim.mlp_lr_scale)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config)
+    hpz_groups = hpz_layout()
     run = Run(
         cfg=cfg,
         pre=pre,
@@ -275,12 +282,51 @@ def _setup(cfg: TrainConfig, pre: Preflight, info: Any, resume: Path | None) -> 
         universal=universal,
         hooks=_read_hooks(),
         lr_groups=[(g["name"], g["lr_scale"]) for g in groups],
+        hpz_groups=hpz_groups,
     )
     if run.hooks["trace_dir"]:
         trace = Path(run.hooks["trace_dir"])
         trace.mkdir(parents=True, exist_ok=True)
         run.trace = (trace / f"rank{run.rank}.tsv").open("a", encoding="utf-8")
     return run
+
+
+def check_hpz_fits_node(ds_path: str, ds_config: dict[str, Any], ranks_per_node: int) -> None:
+    """Refuse a ZeRO++ hpZ partition that cannot stay inside one node (it would gather across nodes)."""
+    hpz = int(ds_config.get("zero_optimization", {}).get("zero_hpz_partition_size", 1) or 1)
+    if hpz > 1 and ranks_per_node % hpz:
+        raise SpellmError(
+            f"{ds_path}: zero_optimization.zero_hpz_partition_size is {hpz}, but this job runs "
+            f"{ranks_per_node} rank(s) per node; the secondary partition must stay inside a node: set it "
+            f"to the ranks per node (--ntasks-per-node) or a divisor of it"
+        )
+
+
+def hpz_layout() -> list[tuple[list[int], list[str]]]:
+    """Collective: the ranks and hosts of every hpZ secondary-partition group DeepSpeed built ([] if off).
+
+    DeepSpeed groups consecutive ranks; a group whose ranks sit on different hosts would pull the
+    frozen weights across nodes at every forward, so that is an error (rank placement not in blocks).
+    """
+    import deepspeed.comm as dist
+    from deepspeed.utils import groups
+
+    group = getattr(groups, "_ZERO_PARAM_INTRA_PARALLEL_GROUP", None)
+    mine = sorted(dist.get_all_ranks_from_group(group)) if group is not None else []
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, (mine, socket.gethostname()))
+    if not any(ranks for ranks, _ in gathered):
+        return []
+    layout = []
+    for ranks in sorted({tuple(r) for r, _ in gathered}):
+        layout.append((list(ranks), [gathered[r][1] for r in ranks]))
+    spanning = [f"ranks {list(r)} on {sorted(set(h))}" for r, h in layout if len(set(h)) > 1]
+    if spanning:
+        raise SpellmError(
+            "ZeRO++ hpZ secondary partitions span nodes (" + "; ".join(spanning) + "): launch ranks in "
+            "blocks per node (srun --distribution=block) with zero_hpz_partition_size = ranks per node"
+        )
+    return layout
 
 
 def _model_vocab(cfg: TrainConfig) -> int:
@@ -579,6 +625,9 @@ def _log_start(run: Run, state: TrainState, resume: Path | None) -> None:
         f"{where} at step {state.step}; world size {run.world_size}, micro {run.pre.micro} x accum "
         f"{run.pre.grad_accum} = batch {run.pre.train_batch}; trainable {trainable:,} of {total:,} params",
     )
+    if run.hpz_groups:
+        where = "; ".join(f"{ranks} on {hosts[0]}" for ranks, hosts in run.hpz_groups)
+        _say(f"hpZ secondary partitions of {len(run.hpz_groups[0][0])} ranks: {where}")
     if run.writer is None:
         return
     from torch.utils.tensorboard.summary import hparams

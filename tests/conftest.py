@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -61,3 +63,24 @@ def metaspace_tokenizer(tmp_path_factory, docs_files) -> Path:
 def tiny_llama(tmp_path_factory, bytelevel_tokenizer) -> Path:
     """A tiny randomly initialised Llama (6 layers, d=64) saved as a HF checkpoint with its tokenizer."""
     return make_causal_lm(bytelevel_tokenizer, tmp_path_factory.mktemp("tiny_llama"), arch="llama")
+
+
+# ---- a tiny teacher dataset, shared by the SLURM build, training and export tests -----------------
+BUILD_OPTIONS = ("--seq-len", "64", "--samples-per-shard", "16", "--max-samples", "64")
+
+
+@pytest.fixture(scope="session")
+def build_inputs(docs_files) -> list[str]:
+    """Four corpus files: a few dozen 64-token sequences, four 16-sample shards."""
+    return [str(p) for p in docs_files[:4]]
+
+
+@pytest.fixture(scope="session")
+def teacher_dataset(tmp_path_factory, tiny_llama, build_inputs) -> Path:
+    """Teacher shards of `tiny_llama` built by one plain process (the reference for the array build)."""
+    out = tmp_path_factory.mktemp("shards") / "single"
+    cmd = [sys.executable, "-m", "spellm_ds.cli", "build-shards", "--teacher", str(tiny_llama)]
+    cmd += ["--input", *build_inputs, "--output", str(out), *BUILD_OPTIONS, "--no-progress"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO_ROOT)
+    assert res.returncode == 0, res.stdout + res.stderr
+    return out

@@ -1,4 +1,4 @@
-"""A throwaway one-node SLURM on localhost for the tests: munged, slurmctld and slurmd started by hand.
+"""Throwaway SLURM clusters on localhost for the tests: munged, slurmctld and slurmd started by hand.
 
 Debian's `munge` and `slurm-wlm` packages (Slurm 22.05) with a slurm.conf generated in a temp dir: no
 systemd, no accounting, no cgroups. Each cluster gets its own munge socket, ports, state directory and
@@ -11,6 +11,7 @@ root, packages missing).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import random
@@ -130,6 +131,8 @@ class SlurmCluster:
         self.real_memory_mb = real_memory_mb
         tag = f"{os.getpid()}x{random.randrange(10**6)}"
         self.node = _node_name()
+        self.nodes = [self.node]
+        self.slurmd_timeout = 300
         self.munge_socket = MUNGE_DIR / f"spellm-{tag}.socket"
         self.conf = self.workdir / "slurm.conf"
         self._procs: dict[str, subprocess.Popen] = {}
@@ -144,12 +147,12 @@ class SlurmCluster:
     def write_conf(self) -> None:
         """Generate slurm.conf (fresh ports, node name and first job id) under `workdir`."""
         w = self.workdir
-        for sub in ("state", "spool"):
+        for sub in ("state", *(f"spool/{n}" for n in self.nodes)):
             (w / sub).mkdir(parents=True, exist_ok=True)
         host = socket.gethostname().split(".")[0]
         lines = [
             "ClusterName=spellmtest",
-            f"SlurmctldHost={host}(127.0.0.1)",
+            f"SlurmctldHost={host}({self.controller_addr})",
             f"SlurmctldPort={_free_port()}",
             f"SlurmdPort={_free_port()}",
             "AuthType=auth/munge",
@@ -159,11 +162,11 @@ class SlurmCluster:
             "SlurmUser=root",
             "SlurmdUser=root",
             f"StateSaveLocation={w / 'state'}",
-            f"SlurmdSpoolDir={w / 'spool'}",
+            f"SlurmdSpoolDir={w / 'spool' / '%n'}",
             f"SlurmctldPidFile={w / 'slurmctld.pid'}",
-            f"SlurmdPidFile={w / 'slurmd.pid'}",
+            f"SlurmdPidFile={w / 'slurmd-%n.pid'}",
             f"SlurmctldLogFile={w / 'slurmctld.log'}",
-            f"SlurmdLogFile={w / 'slurmd.log'}",
+            f"SlurmdLogFile={w / 'slurmd-%n.log'}",
             "ProctrackType=proctrack/linuxproc",
             "TaskPlugin=task/none",
             "JobAcctGatherType=jobacct_gather/none",
@@ -181,13 +184,30 @@ class SlurmCluster:
             "MinJobAge=600",
             "InactiveLimit=0",
             "SlurmctldTimeout=30",
-            "SlurmdTimeout=300",
+            f"SlurmdTimeout={self.slurmd_timeout}",
             f"FirstJobId={random.randrange(1000, 60000)}",
-            f"NodeName={self.node} NodeAddr=127.0.0.1 NodeHostname={host} CPUs={self.cpus} "
-            f"RealMemory={self.real_memory_mb} State=UNKNOWN",
+            *(
+                f"NodeName={name} NodeAddr={addr} NodeHostname={hostname} CPUs={self.cpus} "
+                f"RealMemory={self.real_memory_mb} State=UNKNOWN"
+                for name, addr, hostname in self.node_table()
+            ),
             "PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO",
         ]
         self.conf.write_text("\n".join(lines) + "\n")
+
+    # ---- where things run (a subclass places daemons and clients elsewhere) ------------------------
+    @property
+    def controller_addr(self) -> str:
+        """The address slurmctld listens on."""
+        return "127.0.0.1"
+
+    def node_table(self) -> list[tuple[str, str, str]]:
+        """(NodeName, NodeAddr, NodeHostname) of every node."""
+        return [(self.node, "127.0.0.1", socket.gethostname().split(".")[0])]
+
+    def wrap(self, where: str, argv: list[str]) -> list[str]:
+        """The command line that runs `argv` on `where` (a node name, or "controller" for the clients)."""
+        return argv
 
     def _spawn(self, name: str, argv: list[str], **kw) -> subprocess.Popen:
         log = self.workdir / f"{name}.stdout"
@@ -259,31 +279,48 @@ class SlurmCluster:
             )
 
     def start(self, timeout: float = 60.0) -> None:
-        """Start munged, slurmctld and slurmd; return once `sinfo` shows the node idle."""
+        """Start munged, slurmctld and one slurmd per node; return once `sinfo` shows every node idle."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.write_conf()
         try:
             self._start_munge(timeout)
-            self._spawn("slurmctld", ["slurmctld", "-D", "-c", "-f", str(self.conf)], env=self.env)
+            ctl = ["slurmctld", "-D", "-c", "-f", str(self.conf)]
+            self._spawn("slurmctld", self.wrap("controller", ctl), env=self.env)
             time.sleep(0.3)
-            self._spawn("slurmd", ["slurmd", "-D", "-N", self.node, "-f", str(self.conf)], env=self.env)
-            deadline = time.monotonic() + timeout
-            state = ""
-            while time.monotonic() < deadline:
-                self._check_alive("slurmctld", self.workdir / "slurmctld.log")
-                self._check_alive("slurmd", self.workdir / "slurmd.log")
-                out = self.run(["sinfo", "-h", "-N", "-o", "%N %t"], check=False)
-                state = out.stdout.strip()
-                if out.returncode == 0 and state.split()[-1:] == ["idle"]:
-                    return
-                time.sleep(0.2)
-            raise SlurmStartError(
-                f"node not idle within {timeout} s (sinfo: {state!r}):\n"
-                f"{_tail(self.workdir / 'slurmctld.log')}\n{_tail(self.workdir / 'slurmd.log')}"
-            )
+            for node in self.nodes:
+                self.start_slurmd(node)
+            self.wait_nodes("idle", timeout=timeout)
         except BaseException:
             self.stop()
             raise
+
+    def start_slurmd(self, node: str) -> None:
+        """Start (or restart) the slurmd of `node` in the foreground."""
+        argv = ["slurmd", "-D", "-N", node, "-f", str(self.conf)]
+        self._spawn(f"slurmd-{node}", self.wrap(node, argv), env=self.env)
+
+    def wait_nodes(self, state: str, *, timeout: float, nodes: list[str] | None = None) -> None:
+        """Poll `sinfo` until every node of `nodes` (default: all) reports `state` (e.g. idle, down)."""
+        want = set(nodes or self.nodes)
+        deadline = time.monotonic() + timeout
+        seen = ""
+        while time.monotonic() < deadline:
+            self._check_alive("slurmctld", self.workdir / "slurmctld.log")
+            for node in want:
+                name = f"slurmd-{node}"
+                if name in self._procs and state != "down":
+                    self._check_alive(name, self.workdir / f"slurmd-{node}.log")
+            out = self.run(["sinfo", "-h", "-N", "-o", "%N %t"], check=False)
+            seen = out.stdout.strip()
+            states = dict(line.split()[:2] for line in seen.splitlines() if len(line.split()) >= 2)
+            if out.returncode == 0 and all(states.get(n, "").rstrip("*") == state for n in want):
+                return
+            time.sleep(0.2)
+        logs = "\n".join(_tail(self.workdir / f"slurmd-{n}.log") for n in sorted(want))
+        raise SlurmStartError(
+            f"nodes {sorted(want)} not {state} within {timeout} s (sinfo: {seen!r}):\n"
+            f"{_tail(self.workdir / 'slurmctld.log')}\n{logs}"
+        )
 
     def stop(self) -> None:
         """Cancel every job, then stop slurmd, slurmctld and munged by PID (TERM, then KILL)."""
@@ -295,7 +332,8 @@ class SlurmCluster:
                 if out.returncode != 0 or not out.stdout.strip():
                     break
                 time.sleep(0.3)
-        for name in ("slurmd", "slurmctld", "munged"):
+        daemons = [f"slurmd-{n}" for n in self.nodes] + ["slurmctld", "munged"]
+        for name in daemons:
             proc = self._procs.pop(name, None)
             if proc is None or proc.poll() is not None:
                 continue
@@ -315,7 +353,9 @@ class SlurmCluster:
     ) -> subprocess.CompletedProcess:
         """Run a SLURM client command against this cluster."""
         kw.setdefault("env", self.env)
-        out = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, **kw)
+        out = subprocess.run(
+            self.wrap("controller", argv), capture_output=True, text=True, timeout=timeout, **kw
+        )
         if check and out.returncode != 0:
             raise RuntimeError(f"{' '.join(argv)} failed ({out.returncode}): {out.stderr.strip()}")
         return out
@@ -366,4 +406,186 @@ class SlurmCluster:
         raise TimeoutError(
             f"job {job_id} not done after {timeout} s: {[(j.job_id, j.state) for j in jobs]}\n"
             f"{_tail(self.workdir / 'slurmctld.log', 15)}"
+        )
+
+
+# ---- two nodes on one machine ----------------------------------------------------------------------
+NETNS_DIR = Path("/run/netns")
+_NETNS_PREFIX = "spellm"
+
+
+def netns_unavailable() -> str | None:
+    """Return why network namespaces (and the two-node cluster) cannot be used here, or None."""
+    reason = unavailable()
+    if reason:
+        return reason
+    missing = [b for b in ("ip", "unshare", "nsenter", "mount") if shutil.which(b) is None]
+    if missing:
+        return f"missing binaries: {', '.join(missing)} (Debian packages iproute2 util-linux mount)"
+    name = f"{_NETNS_PREFIX}{os.getpid()}probe"
+    try:
+        out = subprocess.run(["ip", "netns", "add", name], capture_output=True, text=True, timeout=30)
+        if out.returncode != 0:
+            return f"this machine refuses network namespaces (`ip netns add`: {out.stderr.strip()})"
+        out = subprocess.run(
+            ["nsenter", f"--net={NETNS_DIR / name}", "--", "unshare", "--mount", "--uts", "--", "true"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        if out.returncode != 0:
+            return f"this machine refuses UTS namespaces inside a network namespace: {out.stderr.strip()}"
+    finally:
+        subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=30)
+    return None
+
+
+def _remove_stale_namespaces() -> None:
+    """Delete namespaces this module left behind in test processes that no longer exist."""
+    if not NETNS_DIR.is_dir():
+        return
+    for entry in NETNS_DIR.iterdir():
+        m = re.fullmatch(rf"{_NETNS_PREFIX}(\d+)x\d+[a-z0-9]+", entry.name)
+        if m and not Path(f"/proc/{m.group(1)}").exists():
+            subprocess.run(["ip", "netns", "del", entry.name], capture_output=True, timeout=30)
+
+
+class NetnsSlurmCluster(SlurmCluster):
+    """Nodes node1, node2, ... each in its own network and UTS namespace, slurmctld in a third one.
+
+    The controller's namespace holds a bridge (`10.<a>.<b>.1/24`); each node's namespace holds one end
+    of a veth pair whose other end is enslaved to the bridge, so node `i` is `10.<a>.<b>.<10+i>` and
+    reaches the controller and the other nodes over the bridge. Each node runs with its own hostname
+    (its NodeName) and with a hosts file of the cluster bind-mounted over /etc/hosts in its own mount
+    namespace only, so job scripts resolve node names exactly as on a cluster; the machine's files and
+    its own network namespace are never changed. Client commands (`sbatch`, `scontrol`, ...) run in the
+    controller's namespace. munge is shared through its socket on the common file system.
+    """
+
+    def __init__(self, workdir: Path, *, nodes: int = 2, cpus: int = 2, real_memory_mb: int = 10000) -> None:
+        super().__init__(workdir, cpus=cpus, real_memory_mb=real_memory_mb)
+        tag = self.munge_socket.name[len("spellm-") : -len(".socket")]
+        self.nodes = [f"node{i}" for i in range(1, nodes + 1)]
+        self.node = self.nodes[0]
+        self.slurmd_timeout = 6  # a dead node is declared DOWN (and its jobs requeued) within seconds
+        self.namespaces = {n: f"{_NETNS_PREFIX}{tag}{n[-1]}" for n in self.nodes}
+        self.namespaces["controller"] = f"{_NETNS_PREFIX}{tag}c"
+        subnet = f"10.{random.randrange(64, 128)}.{random.randrange(256)}"
+        self.addrs = {n: f"{subnet}.{10 + i}" for i, n in enumerate(self.nodes, start=1)}
+        self._controller_addr = f"{subnet}.1"
+        self.hosts_file = self.workdir / "hosts"
+
+    @property
+    def controller_addr(self) -> str:
+        """The bridge's address in the controller's namespace."""
+        return self._controller_addr
+
+    def node_table(self) -> list[tuple[str, str, str]]:
+        """(NodeName, NodeAddr, NodeHostname): each node is its own host."""
+        return [(n, self.addrs[n], n) for n in self.nodes]
+
+    def wrap(self, where: str, argv: list[str]) -> list[str]:
+        """Run in the controller's namespace, or in a node's namespaces with its hostname and hosts file."""
+        # only the network namespace: `ip netns exec` would also remount /sys, hiding the cgroup tree
+        net = ["nsenter", f"--net={NETNS_DIR / self.namespaces[where]}", "--"]
+        if where == "controller":
+            return [*net, *argv]
+        # a mount namespace of its own (private by default): the bind mount stays inside it
+        script = f'mount --bind {self.hosts_file} /etc/hosts && hostname {where} && exec "$@"'
+        return [*net, "unshare", "--mount", "--uts", "--", "sh", "-c", script, "sh", *argv]
+
+    def _ip(self, *args: str) -> None:
+        out = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
+        if out.returncode != 0:
+            raise SlurmStartError(f"ip {' '.join(args)} failed: {out.stderr.strip()}")
+
+    def _up_network(self) -> None:
+        _remove_stale_namespaces()
+        ctl = self.namespaces["controller"]
+        for ns in self.namespaces.values():
+            self._ip("netns", "add", ns)
+            self._ip("-n", ns, "link", "set", "lo", "up")
+        self._ip("-n", ctl, "link", "add", "br0", "type", "bridge")
+        self._ip("-n", ctl, "addr", "add", f"{self.controller_addr}/24", "dev", "br0")
+        self._ip("-n", ctl, "link", "set", "br0", "up")
+        for i, node in enumerate(self.nodes, start=1):
+            ns = self.namespaces[node]
+            self._ip(
+                "link", "add", f"v{i}", "netns", ctl, "type", "veth", "peer", "name", "eth0", "netns", ns
+            )
+            self._ip("-n", ctl, "link", "set", f"v{i}", "master", "br0", "up")
+            self._ip("-n", ns, "addr", "add", f"{self.addrs[node]}/24", "dev", "eth0")
+            self._ip("-n", ns, "link", "set", "eth0", "up")
+        hosts = ["127.0.0.1 localhost", f"{self.controller_addr} controller"]
+        hosts += [f"{self.addrs[n]} {n}" for n in self.nodes]
+        self.hosts_file.write_text("\n".join(hosts) + "\n")
+
+    def start(self, timeout: float = 60.0) -> None:
+        """Create the namespaces and the bridge, then start the daemons (see `SlurmCluster.start`)."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        try:
+            self._up_network()
+        except BaseException:
+            self._down_network()
+            raise
+        super().start(timeout)
+
+    def stop(self) -> None:
+        """Stop the daemons, kill whatever is left in the node namespaces, delete the namespaces."""
+        try:
+            super().stop()
+        finally:
+            self._down_network()
+
+    def _down_network(self) -> None:
+        for node in self.nodes:
+            self.kill_processes(node)
+        for ns in self.namespaces.values():
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
+
+    def pids(self, node: str) -> list[int]:
+        """PIDs of every process in `node`'s network namespace (its slurmd, job steps and ranks)."""
+        out = subprocess.run(
+            ["ip", "netns", "pids", self.namespaces[node]], capture_output=True, text=True, timeout=30
+        )
+        return [int(p) for p in out.stdout.split()] if out.returncode == 0 else []
+
+    def kill_processes(self, node: str) -> list[int]:
+        """SIGKILL every process on `node` (slurmd included), as if the node lost power; return the PIDs."""
+        killed = []
+        for _ in range(5):  # processes forked while the first ones die
+            pids = self.pids(node)
+            if not pids:
+                break
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.2)
+        proc = self._procs.get(f"slurmd-{node}")
+        if proc is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=15)
+        return killed
+
+    def read_only_on(self, node: str, path: Path) -> None:
+        """Make `path` read-only for everything on `node` (its slurmd's mount namespace) and nowhere else."""
+        pid = str(self._procs[f"slurmd-{node}"].pid)
+        for opts in (["--bind"], ["-o", "remount,bind,ro"]):
+            out = subprocess.run(
+                ["nsenter", "-t", pid, "-m", "--", "mount", *opts, str(path), str(path)],
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
+            if out.returncode != 0:
+                raise RuntimeError(f"mount {' '.join(opts)} {path} on {node} failed: {out.stderr.strip()}")
+
+    def writable_again_on(self, node: str, path: Path) -> None:
+        """Undo `read_only_on`."""
+        pid = str(self._procs[f"slurmd-{node}"].pid)
+        subprocess.run(
+            ["nsenter", "-t", pid, "-m", "--", "umount", str(path)], capture_output=True, timeout=30
         )

@@ -19,13 +19,12 @@ import json
 import re
 import shutil
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO_ROOT, free_port
+from conftest import BUILD_OPTIONS, REPO_ROOT, free_port
 from slurm_cluster import SlurmCluster, SlurmStartError, unavailable
 
 SLURM_DIR = REPO_ROOT / "slurm"
@@ -57,6 +56,7 @@ def _job_env(**extra: str) -> dict[str, str]:
     return {
         "REPO": str(REPO_ROOT),
         "VENV": str(REPO_ROOT / ".venv"),
+        "PYTHONPATH": str(REPO_ROOT),
         "DS_ACCELERATOR": "cpu",
         "MASTER_PORT": str(free_port()),
         "TOKENIZERS_PARALLELISM": "false",
@@ -104,26 +104,7 @@ def test_smoke_job_maps_ranks_and_all_reduces(slurm_cluster, tmp_path):
     assert f"rendezvous {slurm_cluster.node}:{20000 + int(job) % 40000}" in log, log
 
 
-# ---- a tiny teacher dataset, shared by the build, training and export tests ------------------------
-BUILD_OPTIONS = ("--seq-len", "64", "--samples-per-shard", "16", "--max-samples", "64")
 TRAIN_STEPS = 6
-
-
-@pytest.fixture(scope="session")
-def build_inputs(docs_files) -> list[str]:
-    """Four corpus files: a few dozen 64-token sequences, four 16-sample shards."""
-    return [str(p) for p in docs_files[:4]]
-
-
-@pytest.fixture(scope="session")
-def teacher_dataset(tmp_path_factory, tiny_llama, build_inputs) -> Path:
-    """Teacher shards of `tiny_llama` built by one plain process (the reference for the array build)."""
-    out = tmp_path_factory.mktemp("shards") / "single"
-    cmd = [sys.executable, "-m", "spellm_ds.cli", "build-shards", "--teacher", str(tiny_llama)]
-    cmd += ["--input", *build_inputs, "--output", str(out), *BUILD_OPTIONS, "--no-progress"]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO_ROOT)
-    assert res.returncode == 0, res.stdout + res.stderr
-    return out
 
 
 @pytest.mark.slurm
