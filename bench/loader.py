@@ -12,6 +12,9 @@ vocabulary on the Python docs corpus (tokenizer and teacher are built once and c
   checks) and, when present, the streaming loader `spellm_ds.data.ShardLoader` (0 workers);
 - reader / raw zstd: the reader's rate over plain `zstd.decompress` of the same payload bytes already in
   memory (target >= 0.70); rates are per CPU second of the reading thread, best of interleaved repeats;
+- tar walker / tarfile: members per CPU second of the project's strict tar walker
+  (`spellm_ds.shards.iter_tar_members`, checksum and name checks included) over the standard `tarfile`
+  module reading the same shard files member by member;
 - build overhead: (teacher forward + top-k + encode + write) / (teacher forward alone), the forward alone
   being the plain HF forward returning logits, over the same batches (target <= 1.05). On CPU both are
   process CPU time (the writer thread included; other processes' load does not count), on GPU wall time.
@@ -30,6 +33,7 @@ import math
 import os
 import shutil
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -209,12 +213,27 @@ def main(argv: list[str] | None = None) -> int:
             for _ in shards.iter_shard(p, check_values=False):
                 pass
 
+    def walker() -> None:  # the project's tar walker, from the files
+        for p in index_files:
+            with open(p, "rb") as fh:
+                for _ in shards.iter_tar_members(fh, str(p)):
+                    pass
+
+    def stdlib_tar() -> None:  # the standard library's tarfile on the same files
+        for p in index_files:
+            with tarfile.open(p, mode="r:") as tar:
+                for member in tar:
+                    tar.extractfile(member).read()  # type: ignore[union-attr]
+
+    members = len(payloads)
     # Interleaved, best of each: a burst of load from other processes cannot favour one side.
-    zstd_rate = reader_rate = unchecked_rate = 0.0
+    zstd_rate = reader_rate = unchecked_rate = walker_rate = tarfile_rate = 0.0
     for _ in range(3):
         zstd_rate = max(zstd_rate, _rate(raw_zstd, positions, args.read_seconds / 3))
         reader_rate = max(reader_rate, _rate(reader, positions, args.read_seconds / 3))
         unchecked_rate = max(unchecked_rate, _rate(reader_unchecked, positions, args.read_seconds / 3))
+        walker_rate = max(walker_rate, _rate(walker, members, args.read_seconds / 3))
+        tarfile_rate = max(tarfile_rate, _rate(stdlib_tar, members, args.read_seconds / 3))
     loader_rate = None
     try:
         from spellm_ds.data import LoaderConfig, ShardLoader
@@ -244,6 +263,9 @@ def main(argv: list[str] | None = None) -> int:
         "zstd_tokens_per_s": round(zstd_rate),
         "reader_vs_zstd": round(reader_rate / zstd_rate, 3),
         "reader_unchecked_vs_zstd": round(unchecked_rate / zstd_rate, 3),
+        "tar_walker_members_per_s": round(walker_rate),
+        "tarfile_members_per_s": round(tarfile_rate),
+        "tar_walker_over_tarfile": round(walker_rate / tarfile_rate, 3),
         "teacher_top1_prob_mean": stats["top1_prob"]["mean"],
         "teacher_top1_prob_quantiles": stats["top1_prob"]["quantiles"],
         "teacher_forward_s": round(fwd, 3),
@@ -262,6 +284,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"raw zstd decompression  : {zstd_rate:,.0f} tokens/s")
     print(f"reader / raw zstd       : {reader_rate / zstd_rate:.2f}   (target >= 0.70)")
     print(f"  without value checks  : {unchecked_rate / zstd_rate:.2f}")
+    print(
+        f"tar walker / tarfile    : {walker_rate / tarfile_rate:.2f}   ({walker_rate:,.0f} vs "
+        f"{tarfile_rate:,.0f} members/s, same files)"
+    )
     q = stats["top1_prob"]["quantiles"]
     t1 = stats["top1_prob"]["mean"]
     print(f"teacher top-1 prob      : mean {t1}, p10 {q['p10']}, p50 {q['p50']}, p90 {q['p90']}")

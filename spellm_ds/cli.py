@@ -342,7 +342,8 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_eval(args: argparse.Namespace) -> int:
-    from spellm_ds.evaluate import JSON_KEYS, evaluate
+    from spellm_ds.evaluate import evaluate
+    from spellm_ds.metrics import JSON_KEYS
 
     res = evaluate(
         args.model,

@@ -18,19 +18,19 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from spellm_ds.charset import CharTable
 from spellm_ds.cli import main as cli_main
 from spellm_ds.errors import SpellmError
-from spellm_ds.evaluate import (
+from spellm_ds.evaluate import evaluate
+from spellm_ds.export import save_export
+from spellm_ds.inference import SpeLLMForCausalLM
+from spellm_ds.jsonio import write_json
+from spellm_ds.metrics import (
     JSON_KEYS,
     auroc,
     calibrate_threshold,
     curve_at,
-    evaluate,
     match_flags,
     summarize,
     threshold_sweep,
 )
-from spellm_ds.export import save_export
-from spellm_ds.inference import SpeLLMForCausalLM
-from spellm_ds.jsonio import write_json
 from spellm_ds.model import build_spellm_model
 from spellm_ds.shards import (
     ShardEntry,
