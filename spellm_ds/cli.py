@@ -409,7 +409,6 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_compare(args: argparse.Namespace) -> int:
-    import json
     from pathlib import Path
 
     from spellm_ds.compare import compare_generation
@@ -440,8 +439,10 @@ def _run_compare(args: argparse.Namespace) -> int:
         print(f"\nprompt : {row['prompt']!r}\nteacher: {row['teacher']!r}")
         print(f"student: {row['with_fallback']!r}\n  (no fallback: {row['no_fallback']!r})")
     if args.json:
+        from spellm_ds.jsonio import write_json
+
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(res, indent=1) + "\n", encoding="utf-8")
+        write_json(args.json, res, indent=1, sort_keys=False)
     return 0
 
 

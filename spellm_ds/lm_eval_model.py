@@ -96,6 +96,7 @@ from spellm_ds.inference import (
     canonical_chars,
     mean_head_entropy,
 )
+from spellm_ds.jsonio import write_text
 
 logger = logging.getLogger("lm_eval.models.spellm")
 
@@ -526,9 +527,8 @@ def evaluate_local(
     if output is not None:
         out = Path(output)
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(
-            json.dumps(results, indent=1, default=handle_non_serializable) + "\n", encoding="utf-8"
-        )
+        # lm-eval's results hold numpy scalars and other objects its own serialiser turns into JSON
+        write_text(out, json.dumps(results, indent=1, default=handle_non_serializable) + "\n")
     return results
 
 
