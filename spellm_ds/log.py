@@ -30,6 +30,21 @@ class RankFilter(logging.Filter):
         return self.rank == 0 or bool(getattr(record, "all_ranks", False))
 
 
+class _Stderr(logging.StreamHandler):
+    """A stream handler that writes to whatever `sys.stderr` is at the time of each record."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 class _Formatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         part = record.name.removeprefix(ROOT).lstrip(".") or "spellm-ds"
@@ -49,7 +64,7 @@ def setup_logging(rank: int = 0, level: int = logging.INFO) -> None:
     root = logging.getLogger(ROOT)
     for handler in [h for h in root.handlers if getattr(h, "_spellm_ds", False)]:
         root.removeHandler(handler)
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _Stderr()
     handler._spellm_ds = True  # type: ignore[attr-defined]
     handler.setFormatter(_Formatter())
     handler.addFilter(RankFilter(rank))

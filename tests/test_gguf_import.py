@@ -24,6 +24,7 @@ from data_prep import gguf_import
 from data_prep.gguf_import import META_NAME, import_gguf, smollm2_gguf
 from spellm_ds import cli
 from spellm_ds.errors import SpellmError
+from spellm_ds.log import setup_logging
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):\n    ", "Once upon a time, a little"]
 NEW_TOKENS = 20
@@ -218,6 +219,7 @@ def test_tiny_reuse_loads_nothing(tiny_gguf, tiny_import, monkeypatch, capsys):
 
     monkeypatch.setattr(gguf_import, "_convert", no_load)
     monkeypatch.setattr(gguf_import, "gguf_architecture", no_load)
+    setup_logging()  # as the CLI does: progress lines on stderr
     assert import_gguf(tiny_gguf, tiny_import) == tiny_import
     assert mtimes(tiny_import) == before
     assert "reused" in capsys.readouterr().err
