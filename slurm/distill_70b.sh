@@ -22,6 +22,13 @@
 # (`scontrol requeue`), and the requeued job continues from the newest complete checkpoint
 # (checkpoint.resume=auto). Any other exit code is a real failure and is not requeued. A TERM (scancel,
 # or preemption, where SLURM requeues by itself) is forwarded too but never triggers a requeue here.
+#
+# Node failure: SLURM cancels the job and requeues it (--requeue) with its original node count, so it
+# waits for the dead node. To go on without it, shrink the pending job to the surviving nodes (node
+# count, tasks = nodes x tasks per node, CPUs = tasks x cpus-per-task), e.g. 3 of 4 nodes:
+#   scontrol update JobId=JOBID NumNodes=3 NumTasks=24 NumCPUs=192
+# or scancel it and submit again with -N 3. Either way the training step resumes from the newest
+# complete checkpoint at the new world size (converted once to DeepSpeed's universal format).
 
 #SBATCH --job-name=spellm-distill
 #SBATCH --nodes=4
@@ -49,6 +56,7 @@ RESUME=${RESUME:-auto}                            # checkpoint.resume: auto | ne
 EXTRA=${EXTRA:-}                                  # more key=value config overrides, space separated
 MAX_RESTARTS=${MAX_RESTARTS:-50}                  # stop requeueing after this many restarts
 TASK_EXIT_WAIT=${TASK_EXIT_WAIT:-300}             # s to wait for the other ranks once one has exited
+                                                  # (> the time SLURM takes to declare a dead node DOWN)
 LOG_VERSIONS=${LOG_VERSIONS:-1}                   # 1: log torch env + pip freeze at the first start
 EXIT_INTERRUPTED=75                               # = spellm_ds.train.EXIT_INTERRUPTED
 
@@ -97,8 +105,10 @@ if [[ -n $got_signal ]]; then  # signalled before training started: nothing to s
   exit 0
 fi
 read -r -a overrides <<<"$EXTRA"
-srun --nodes="$NODES" --ntasks-per-node="$GPUS_PER_NODE" --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" \
-  --kill-on-bad-exit=0 --wait="$TASK_EXIT_WAIT" \
+# --ntasks explicitly: the job environment keeps the task count of the submission (SLURM_NTASKS), which
+# is stale once the job was shrunk with `scontrol update` after a node failure (see slurm/README.md)
+srun --nodes="$NODES" --ntasks="$((NODES * GPUS_PER_NODE))" --ntasks-per-node="$GPUS_PER_NODE" \
+  --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" --kill-on-bad-exit=0 --wait="$TASK_EXIT_WAIT" \
   "$PYTHON" -m spellm_ds.cli train --config "$CONFIG" "checkpoint.resume=$RESUME" "${overrides[@]}" &
 srun_pid=$!
 

@@ -9,9 +9,12 @@ Covers: `build_shards.sh` as an array whose tasks run on both nodes (bytes equal
 `distill_70b.sh -N 2 --ntasks-per-node 2` (rendezvous on the first node, world size 4, hpZ groups that
 DeepSpeed built are node-local) and `export.sh` after it; USR1 mid-run → checkpoint, requeue, resume
 with the parameters and samples of the uninterrupted run; a checkpoint directory one node cannot write
-(the job fails with the path in the error and no `latest`). `NetnsSlurmCluster.kill_processes` (a node
-dying) is there for the node-failure case, which is not covered yet: the job SLURM requeues after the
-failure keeps its two-node request and stays pending on the surviving node.
+(the job fails with the path in the error and no `latest`); node2 dying mid-run (`kill_processes`):
+SLURM cancels and requeues the job, which waits for node2 with its two-node request until it is shrunk
+to node1 (`scontrol update ... NumNodes=1 NumTasks=2 NumCPUs=2`, what an operator does), then resumes
+from the last complete checkpoint at world size 2 through DeepSpeed's universal checkpoint, with the
+counters of the uninterrupted run, finite parameters and an export that loads. That test runs last and
+restarts node2's slurmd at its end.
 
 Run alone: .venv/bin/python -m pytest tests/test_slurm_multinode.py -q -rs
 """
@@ -96,10 +99,7 @@ def _submit(cluster, tmp: Path, name: str, tiny_llama, dataset, ds_config, *opti
             CONFIG="configs/tiny_cpu.yaml",
             EXTRA=f"{extra} deepspeed={ds_config}",
             SPELLM_TRACE_SAMPLES=str(trace),
-            OMP_NUM_THREADS="1",
-            LOG_VERSIONS="0",
-            TASK_EXIT_WAIT="20",
-            **env,
+            **{"OMP_NUM_THREADS": "1", "LOG_VERSIONS": "0", "TASK_EXIT_WAIT": "20", **env},
         ),
         cwd=REPO_ROOT,
     )
@@ -265,3 +265,119 @@ def test_checkpoint_dir_read_only_on_one_node(
     assert re.search(r"rank 2 on node2: Read-only file system; rank 3 on node2: Read-only", log), log
     assert "rank 0 on" not in log and "requeue" not in log, log
     assert not (checkpoints / "latest").exists() and list(checkpoints.iterdir()) == []
+
+
+def _segments(lines: list[str]) -> list[list[tuple[int, list[int]]]]:
+    """Split a rank's trace into the runs of one process each (a new run starts where the step drops)."""
+    runs: list[list[tuple[int, list[int]]]] = []
+    last = None
+    for line in lines:
+        step, idx = line.split("\t")
+        if last is None or int(step) < last:
+            runs.append([])
+        runs[-1].append((int(step), [int(i) for i in idx.split(",") if i]))
+        last = int(step)
+    return runs
+
+
+def test_node_death_requeue_shrunk_to_survivor_resumes_universal(
+    two_nodes, reference, tmp_path, tiny_llama, teacher_dataset, multinode_ds_config
+):
+    """node2 dies mid-run: SLURM requeues the job; shrunk to node1 it resumes at world size 2 (universal)."""
+    ref_rec, ref_dir, ref_log, ref_trace = reference
+    assert ref_rec.state == "COMPLETED", ref_log
+    job, run_dir, log_path = _submit(
+        two_nodes,
+        tmp_path,
+        "death",
+        tiny_llama,
+        teacher_dataset,
+        multinode_ds_config,
+        SPELLM_TEST_STEP_SLEEP="1",
+        # srun must outlast SLURM's verdict on the silent node (here ~30 s): had it given up first, the
+        # batch script would end with the ranks' error and the job would fail instead of being requeued
+        TASK_EXIT_WAIT="120",
+    )
+    checkpoints = run_dir / "checkpoints"
+    traces = [tmp_path / "death-trace" / f"rank{r}.tsv" for r in range(NODES * PER_NODE)]
+    try:
+        # every rank has drawn step 5: step 3 is saved, the next save (step 6) is seconds away
+        two_nodes.wait(job, timeout=300, until=lambda js: all(_until_step(t, 5)(js) for t in traces))
+        two_nodes.kill_processes("node2")  # slurmd, step daemons and ranks: the node lost power
+        # SLURM finds node2 silent, declares it DOWN, cancels the job for the node failure, requeues it
+        (requeued,) = two_nodes.wait(
+            job,
+            timeout=180,
+            until=lambda js: js and (js[0].done or (js[0].restarts, js[0].state) == (1, "PENDING")),
+        )
+        assert (requeued.state, requeued.restarts) == ("PENDING", 1), _read(log_path)
+        two_nodes.wait_nodes("down", nodes=["node2"], timeout=60)
+        # ... with its two-node request: it waits for node2
+        (pending,) = two_nodes.wait(
+            job, timeout=60, until=lambda js: js and js[0].fields.get("Reason") not in ("BeginTime", "None")
+        )
+        assert pending.state == "PENDING" and pending.fields["NumNodes"] == "2", pending.fields
+        assert re.search(r"node2|DOWN", pending.fields["Reason"]), pending.fields["Reason"]
+        last = (checkpoints / "latest").read_text().strip()
+        # the operator shrinks the pending job to the surviving node (nodes, tasks, CPUs)
+        two_nodes.run(
+            [
+                "scontrol",
+                "update",
+                f"JobId={job}",
+                "NumNodes=1",
+                f"NumTasks={PER_NODE}",
+                f"NumCPUs={PER_NODE}",
+            ]
+        )
+        (rec,) = two_nodes.wait(job, timeout=300)
+    finally:
+        two_nodes.start_slurmd("node2")  # back for whatever runs after this test
+        two_nodes.wait_nodes("idle", timeout=120)
+    log = _read(log_path)
+    assert (rec.state, rec.exit_code, rec.restarts, rec.fields["NodeList"]) == (
+        "COMPLETED",
+        0,
+        1,
+        "node1",
+    ), log
+    assert f"job {job} restart 1 on node1: 1 node(s) x 2 task(s)" in log, log
+    # from the last complete checkpoint, converted once to the universal format for world size 2
+    assert last == "step_00000003"
+    assert f"resumed from {checkpoints / last} (universal) at step 3; world size 2" in log, log
+    assert (checkpoints / "universal" / last / ".complete").is_file()
+    final = f"step_{TRAIN_STEPS:08d}"
+    assert (checkpoints / "latest").read_text().strip() == final
+    meta = json.loads((checkpoints / final / "spellm_meta.json").read_text())
+    ref_meta = json.loads((ref_dir / "checkpoints" / final / "spellm_meta.json").read_text())
+    for key in ("step", "samples_seen", "tokens_seen"):
+        assert meta[key] == ref_meta[key], key
+    assert (meta["world_size"], ref_meta["world_size"]) == (PER_NODE, NODES * PER_NODE)
+    # exactly once: steps 1-3 of the first run (4 ranks, as in the reference) and 4-6 of the resumed one
+    runs = {name: _segments(lines) for name, lines in _trace(tmp_path / "death-trace").items()}
+    first = [b for segs in runs.values() for s, b in segs[0] if s <= 3]
+    resumed = [b for name in ("rank0.tsv", "rank1.tsv") for s, b in runs[name][-1]]
+    ref_first = [b for lines in _trace(ref_trace).values() for s, b in _segments(lines)[0] if s <= 3]
+    assert sorted(map(tuple, first)) == sorted(map(tuple, ref_first))
+    assert len(runs["rank0.tsv"]) == 2 and runs["rank0.tsv"][-1][0][0] == 4, runs["rank0.tsv"]
+    consumed = [i for b in first + resumed for i in b]
+    assert len(consumed) == len(set(consumed)) == ref_meta["samples_seen"]
+    # parameters after the world-size change: not bit-equal to the reference, but finite, and they export
+    trained = _trainable_fp32(checkpoints, final)
+    assert len(trained) > 1 and all(torch.isfinite(t).all() for t in trained.values())
+    out = tmp_path / "export"
+    exp_job = two_nodes.sbatch(
+        SLURM_DIR / "export.sh",
+        f"--ntasks-per-node={PER_NODE}",
+        "--cpus-per-task=1",
+        f"--output={tmp_path}/%x-%j.out",
+        env=_job_env(CHECKPOINT=str(checkpoints), OUTPUT=str(out)),
+        cwd=REPO_ROOT,
+    )
+    (exp,) = two_nodes.wait(exp_job, timeout=240)
+    assert (exp.state, exp.exit_code) == ("COMPLETED", 0), _read(tmp_path / f"spellm-export-{exp_job}.out")
+    from spellm_ds.inference import SpeLLMForCausalLM
+
+    model = SpeLLMForCausalLM.from_pretrained(out, dtype=torch.float32)
+    (head_key,) = [k for k in trained if k.startswith("char_heads")]
+    assert torch.equal(model.model.char_heads.weight.detach(), trained[head_key])
