@@ -34,20 +34,39 @@ REPO = Path(__file__).resolve().parents[1]
 SOURCES = {
     "teacher": ["data_prep/demo_teacher.py", "data_prep/local_models.py"],
     "real_teacher": ["data_prep/real_teacher.py", "data_prep/gguf_import.py", "data_prep/demo_teacher.py"],
-    "shards": ["data_prep/*.py", "spellm_ds/shards.py", "spellm_ds/fingerprint.py"],
+    "shards": ["data_prep/*.py", "spellm_ds/shards.py", "spellm_ds/fingerprint.py", "spellm_ds/jsonio.py"],
     "train": [
         "spellm_ds/train.py",
         "spellm_ds/model.py",
         "spellm_ds/losses.py",
+        "spellm_ds/warm_start.py",
         "spellm_ds/config.py",
+        "spellm_ds/schema.py",
         "spellm_ds/data.py",
-        "spellm_ds/charset.py",
+        "spellm_ds/charset/*.py",
         "spellm_ds/shards.py",
+        "spellm_ds/checkpoint.py",
         "spellm_ds/dist.py",
     ],
-    "export": ["spellm_ds/export.py", "spellm_ds/charset.py"],
-    "eval": ["spellm_ds/evaluate.py", "spellm_ds/inference.py", "spellm_ds/charset.py"],
-    "generate": ["spellm_ds/inference.py", "spellm_ds/charset.py", "spellm_ds/compare.py"],
+    "export": [
+        "spellm_ds/export.py",
+        "spellm_ds/export_format.py",
+        "spellm_ds/checkpoint.py",
+        "spellm_ds/charset/*.py",
+    ],
+    "eval": [
+        "spellm_ds/evaluate.py",
+        "spellm_ds/metrics.py",
+        "spellm_ds/inference.py",
+        "spellm_ds/export_format.py",
+        "spellm_ds/charset/*.py",
+    ],
+    "generate": [
+        "spellm_ds/inference.py",
+        "spellm_ds/export_format.py",
+        "spellm_ds/charset/*.py",
+        "spellm_ds/compare.py",
+    ],
 }
 
 
