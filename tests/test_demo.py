@@ -285,3 +285,13 @@ def test_short_demo_on_the_real_teacher(tmp_path):
     plain = AutoModelForCausalLM.from_pretrained(str(export))
     assert plain.config.num_hidden_layers == 30
     assert plain.lm_head.weight.data_ptr() == plain.model.embed_tokens.weight.data_ptr()
+
+
+def test_stage_sources_name_existing_files():
+    """Every source pattern of a demo stage matches a file, so no stage key silently ignores a module."""
+    from examples.pipeline import SOURCES
+
+    stale = [
+        (stage, p) for stage, patterns in SOURCES.items() for p in patterns if not list(REPO_ROOT.glob(p))
+    ]
+    assert stale == []
