@@ -15,6 +15,9 @@ import pytest
 
 from data_prep.local_models import make_causal_lm, python_docs_files, train_tokenizer
 
+# plain asserts in the shared SLURM job helpers report their operands as the tests' own do
+pytest.register_assert_rewrite("slurm_jobs")
+
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
