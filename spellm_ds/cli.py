@@ -70,6 +70,11 @@ def _add_build_shards(sub: argparse._SubParsersAction) -> None:
         "--head", default="auto", choices=["auto", "chunked", "full"], help="top-k path (full: model logits)"
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--no-teacher",
+        action="store_true",
+        help="token-only shards (input ids, top_k 0) for teacher: online runs; --teacher gives the tokenizer",
+    )
     p.set_defaults(func=_run_build_shards)
 
 
@@ -91,6 +96,7 @@ def _run_build_shards(args: argparse.Namespace) -> int:
         device_map=args.device_map,
         head=args.head,
         progress=not args.no_progress,
+        no_teacher=args.no_teacher,
     )
     build_shards(cfg)
     return 0
