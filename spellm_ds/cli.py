@@ -482,6 +482,11 @@ def _add_plan(sub) -> None:
         action="store_true",
         help="the trainable tail stays gathered from forward to backward (stage3_max_reuse_distance)",
     )
+    p.add_argument(
+        "--online",
+        action="store_true",
+        help="teacher: online: add the frozen copy of the N original MLPs and the teacher's FLOPs per token",
+    )
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(func=_run_plan)
 
@@ -509,6 +514,7 @@ def _run_plan(args) -> int:
             tail_resident=args.tail_resident,
             inter_node_gbs=args.inter_node_gbs,
             intra_node_gbs=args.intra_node_gbs,
+            online=args.online,
         ),
     )
     print(json.dumps(plan.to_dict(), indent=2) if args.json else format_plan(plan))

@@ -493,7 +493,7 @@ def _forward(run: Run, batch: dict[str, torch.Tensor], with_metrics: bool) -> An
 def _trace_teacher(run: Run, batch: dict[str, torch.Tensor], out: Any) -> None:
     """With `SPELLM_TRACE_TEACHER=DIR`: save the online teacher's top-k of every micro-batch on every rank."""
     trace = run.hooks["teacher_dir"]
-    if not trace or not run.engine.training:
+    if not trace or not run.engine.module.training:  # training micro-batches only
         return
     run.hooks["teacher_count"] += 1
     path = Path(trace) / f"rank{run.rank}_{run.hooks['teacher_count']:06d}.npz"
