@@ -23,6 +23,12 @@ lm_head weight as its external parameter, so it is gathered exactly around the r
 backward hooks may gather it once more, unused: the regularizer's input gradient is computed in
 forward, see `spellm_ds.losses`).
 
+Online teacher (`online_teacher=True`, `spellm_ds.teacher`): the model also holds a frozen copy of the
+trained layers' original MLPs (`.teacher`, built inside the same ZeRO-3 `zero.Init`); a forward with
+`online_teacher=True` records the input of layer L-N (a second forward pre-hook), runs the original tail on
+it under no_grad after the body (once the grad hook is inactive) and trains against the teacher's top-K it
+gives, as a shard would hold them; they are returned in the output.
+
 Char heads start at zero (`head_init_std=0`): every head starts uniform (char loss k·ln|C| exactly),
 so the first steps do not push random-spelling gradients into the pretrained MLPs (the heads move first;
 the MLPs get char-loss gradient once the heads are non-zero, and regularizer gradient from step one),

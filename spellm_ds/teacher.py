@@ -29,8 +29,6 @@ from torch import Tensor, nn
 from spellm_ds.errors import SpellmError
 from spellm_ds.tail import check_attention, run_original_tail
 
-TEACHER_MODES = ("offline", "online")
-
 
 def _partitioned(module: nn.Module) -> bool:
     return any(hasattr(p, "ds_id") for p in module.parameters())
