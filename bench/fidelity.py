@@ -14,7 +14,10 @@ shards, through the real pipeline (the `spellm-ds` CLI: 2-rank ZeRO-3 `train` un
 - `prior`: teacher-prior rule, one learning rate for heads and MLPs, zero heads (the recipe before the
   levers); `prior-mlp-lr`: MLPs at 0.05 x the heads' rate; `recipe`: configs/demo_cpu.yaml as it is (adds
   the warm start of the heads); `paper`: the lowest-char-loss rule, one rate; `N0-warm`: heads only;
-- `N0`, `N5-lowest`, `N5-prior`, `N1-prior`: N and the selection rule with one rate and zero heads.
+- `N0`, `N5-lowest`, `N5-prior`, `N1-prior`: N and the selection rule with one rate and zero heads;
+- `recipe-online`: the recipe with the teacher computed in the training step (`teacher: online`, the
+  shards' top-5 ignored); `recipe-kl_full`: the same with the `kl_full` regulariser (KL over the teacher's
+  whole distribution) in place of the top-5 `kl6`: `--variants recipe recipe-online recipe-kl_full`.
 
 Columns (fractions of held-out positions; definitions in spellm_ds/evaluate.py): exact match with one of
 the teacher's top-5, exact-or-prefix match (a prefix only where all k characters equal the start of a
@@ -67,6 +70,15 @@ VARIANTS = {
     "N5-lowest": ["model.trainable_layers=5", "loss.selection=lowest", *BASE_RECIPE],
     "N5-prior": ["model.trainable_layers=5", "loss.selection=teacher_prior", *BASE_RECIPE],
     "N1-prior": ["model.trainable_layers=1", "loss.selection=teacher_prior", *BASE_RECIPE],
+    # The teacher computed in the training step (spellm_ds.teacher): the recipe with its top-5 regulariser,
+    # and with the full-distribution one only the online teacher can give.
+    "recipe-online": ["model.trainable_layers=5", "loss.selection=teacher_prior", "teacher=online"],
+    "recipe-kl_full": [
+        "model.trainable_layers=5",
+        "loss.selection=teacher_prior",
+        "teacher=online",
+        "loss.regularizer=kl_full",
+    ],
 }
 DEFAULT_VARIANTS = ["prior", "recipe"]
 # budget: (optimizer steps per variant, held-out sequences scored)

@@ -11,6 +11,10 @@ Crash safety: a shard is written under a hidden temporary name and renamed; its 
 from any rank) by whichever rank finds every manifest present once the total is known (`stream.json`).
 A rerun skips shards whose manifest and file are present and rebuilds the rest. `build.json` records
 what defines the dataset; a non-empty output directory built with anything else is refused.
+
+Token-only shards (`no_teacher`, `--no-teacher`): the same format with top_k 0, input ids (and the loss
+mask) only, for runs whose teacher is computed online (`teacher: online`). Only the tokenizer and
+config.json of `--teacher` are read; no model is loaded, so building runs at the tokeniser's speed.
 """
 
 from __future__ import annotations
@@ -75,6 +79,7 @@ class BuildConfig(Section):
     device_map: str | None = None  # "auto": spread one teacher over this node's GPUs (accelerate)
     head: str = "auto"  # auto | chunked (final norm state -> lm_head in row chunks) | full (HF logits)
     progress: bool = True  # tqdm bar on rank 0
+    no_teacher: bool = False  # token-only shards (top_k 0): input ids only, no model forward
 
     def problems(self) -> list[str]:
         p: list[str] = []
@@ -82,7 +87,8 @@ class BuildConfig(Section):
             p.append(f"build.seq_len must be >= 2, got {self.seq_len}")
         positive(p, "build.samples_per_shard", self.samples_per_shard)
         positive(p, "build.batch_size", self.batch_size)
-        within(p, "build.top_k", self.top_k, 1, 64)
+        if not self.no_teacher:
+            within(p, "build.top_k", self.top_k, 1, 64)
         positive(p, "build.max_samples", self.max_samples)
         choice(p, "build.dtype", self.dtype, DTYPES)
         choice(p, "build.head", self.head, HEAD_MODES)
@@ -320,16 +326,27 @@ def _text_config(model: Any) -> Any:
 class ShardWriter:
     """Turns one shard's sequences into a shard file + manifest; encoding and writing run in a thread."""
 
-    def __init__(self, output: Path, teacher: Teacher, *, batch_size: int) -> None:
+    def __init__(
+        self, output: Path, teacher: Teacher | None, *, batch_size: int, vocab_size: int | None = None
+    ) -> None:
         self.output = output
-        self.teacher = teacher
+        self.teacher = teacher  # None: token-only shards (top_k 0)
         self.batch_size = batch_size
+        self.vocab_size = teacher.vocab_size if teacher is not None else int(vocab_size or 0)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer")
         self._pending: Future | None = None
 
     def build(self, shard: int, seqs: list[PackedSequence], on_batch: Any = None) -> None:
         """Run the teacher over `seqs` (batches inside this shard only) and queue the write."""
         ids = np.stack([s.input_ids for s in seqs])
+        if self.teacher is None:  # token-only: empty top-k
+            top_ids = np.empty((*ids.shape, 0), dtype=np.int32)
+            top_lp = np.empty((*ids.shape, 0), dtype=np.float16)
+            if on_batch is not None:
+                on_batch(int(ids.size))
+            self.wait()
+            self._pending = self._pool.submit(self._write, shard, seqs, top_ids, top_lp)
+            return
         top_ids = np.empty((*ids.shape, self.teacher.top_k), dtype=np.int32)
         top_lp = np.empty((*ids.shape, self.teacher.top_k), dtype=np.float16)
         for s in range(0, len(seqs), self.batch_size):
@@ -347,7 +364,7 @@ class ShardWriter:
         self._pending = self._pool.submit(self._write, shard, seqs, top_ids, top_lp)
 
     def _write(self, shard: int, seqs: list[PackedSequence], top_ids: np.ndarray, top_lp: np.ndarray) -> None:
-        vocab = self.teacher.vocab_size
+        vocab = self.vocab_size
         samples = []
         for j, seq in enumerate(seqs):
             mask = seq.loss_mask if seq.length < seq.input_ids.shape[0] else None
@@ -530,7 +547,8 @@ def build_shards(cfg: BuildConfig, rank: int | None = None, world_size: int | No
         device = "cuda" if torch.cuda.is_available() else "cpu"
     else:
         device = resolve_device(cfg.device, local_rank)
-    dtype = resolve_dtype(cfg.dtype, device)
+    dtype = resolve_dtype(cfg.dtype, device) if not cfg.no_teacher else None
+    top_k = 0 if cfg.no_teacher else cfg.top_k
     files = expand_inputs(cfg.inputs)
     meta = {
         "format": shards.FORMAT_NAME,
@@ -539,14 +557,14 @@ def build_shards(cfg: BuildConfig, rank: int | None = None, world_size: int | No
             "path": str(teacher_dir.resolve()),
             "name": teacher_dir.resolve().name,
             "config_hash": config_hash(model_cfg),
-            "weights_hash": weights_hash(teacher_dir),
+            "weights_hash": None if cfg.no_teacher else weights_hash(teacher_dir),
         },
         "tokenizer_hash": tokenizer_hash(tok),
         "vocab_size": vocab_size,
         "eos_id": int(tok.eos_token_id),
         "pad_id": int(tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id),
         "seq_len": cfg.seq_len,
-        "top_k": cfg.top_k,
+        "top_k": top_k,
         "samples_per_shard": cfg.samples_per_shard,
         "build_args": {
             "inputs": list(cfg.inputs),
@@ -556,10 +574,13 @@ def build_shards(cfg: BuildConfig, rank: int | None = None, world_size: int | No
             "seq_len": cfg.seq_len,
             "samples_per_shard": cfg.samples_per_shard,
             "max_samples": cfg.max_samples,
-            "top_k": cfg.top_k,
+            "top_k": top_k,
             "dtype": dtype,
         },
     }
+    if cfg.no_teacher:  # recorded only here, so the build.json of teacher shards is unchanged
+        meta["teacher"]["none"] = True
+        meta["build_args"]["no_teacher"] = True
     output = Path(cfg.output)
     _check_identity(output, meta)
     output.mkdir(parents=True, exist_ok=True)
@@ -674,16 +695,29 @@ def _flush(
     teacher: Teacher | None,
     writer: ShardWriter | None,
     device: str,
-    dtype: str,
+    dtype: str | None,
     bar: Any,
-) -> tuple[Teacher, ShardWriter]:
-    if teacher is None or writer is None:
+) -> tuple[Teacher | None, ShardWriter]:
+    if writer is None and cfg.no_teacher:
+        writer = ShardWriter(output, None, batch_size=cfg.batch_size, vocab_size=_vocab_size(cfg))
+    if writer is None:
         teacher = Teacher(
             cfg.teacher, dtype=dtype, device=device, device_map=cfg.device_map, top_k=cfg.top_k, head=cfg.head
         )
         writer = ShardWriter(output, teacher, batch_size=cfg.batch_size)
     writer.build(shard, seqs, on_batch=bar.update)
     return teacher, writer
+
+
+def _vocab_size(cfg: BuildConfig) -> int:
+    from transformers import AutoConfig
+
+    model_cfg = AutoConfig.from_pretrained(cfg.teacher)
+    return int(_text_config_of(model_cfg).vocab_size)
+
+
+def _text_config_of(model_cfg: Any) -> Any:
+    return model_cfg.get_text_config() if hasattr(model_cfg, "get_text_config") else model_cfg
 
 
 def _account(summary: BuildSummary, shard: int, seqs: list[PackedSequence]) -> None:

@@ -204,6 +204,8 @@ def dataset_stats(location: str | os.PathLike, max_shards: int | None = None) ->
     """Return samples, tokens, bytes on disk per token and the teacher's top-1 probability distribution."""
     root = Path(location)
     index = shards.read_index(root)
+    if not index["top_k"]:
+        raise SpellmError(f"{root}: token-only shards (top_k 0) hold no teacher predictions to summarise")
     entries = index["shards"][:max_shards] if max_shards else index["shards"]
     hist = np.zeros(_HIST_BINS, dtype=np.int64)
     samples = tokens = nbytes = 0

@@ -5,6 +5,7 @@
 #   sbatch -N 8 slurm/distill_70b.sh                                # same recipe on 8 nodes
 #   CONFIG=configs/llama3_8b.yaml sbatch -N 1 slurm/distill_70b.sh  # another recipe
 #   EXTRA="optim.lr=3e-5 max_steps=2000" sbatch slurm/distill_70b.sh
+#   EXTRA="teacher=online data.train=data/llama3_70b/tokens" sbatch slurm/distill_70b.sh  # no teacher shards
 #
 # Submit from the repository root (or set REPO). Every tunable below is an environment variable with a
 # default; sbatch exports the submitting shell's environment to the job. Options on the sbatch command

@@ -71,6 +71,11 @@ def _add_build_shards(sub: argparse._SubParsersAction) -> None:
         "--head", default="auto", choices=["auto", "chunked", "full"], help="top-k path (full: model logits)"
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--no-teacher",
+        action="store_true",
+        help="token-only shards (input ids, top_k 0) for teacher: online runs; --teacher gives the tokenizer",
+    )
     p.set_defaults(func=_run_build_shards)
 
 
@@ -92,6 +97,7 @@ def _run_build_shards(args: argparse.Namespace) -> int:
         device_map=args.device_map,
         head=args.head,
         progress=not args.no_progress,
+        no_teacher=args.no_teacher,
     )
     build_shards(cfg)
     return 0
@@ -479,6 +485,11 @@ def _add_plan(sub) -> None:
         action="store_true",
         help="the trainable tail stays gathered from forward to backward (stage3_max_reuse_distance)",
     )
+    p.add_argument(
+        "--online",
+        action="store_true",
+        help="teacher: online: add the frozen copy of the N original MLPs and the teacher's FLOPs per token",
+    )
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(func=_run_plan)
 
@@ -506,6 +517,7 @@ def _run_plan(args) -> int:
             tail_resident=args.tail_resident,
             inter_node_gbs=args.inter_node_gbs,
             intra_node_gbs=args.intra_node_gbs,
+            online=args.online,
         ),
     )
     print(json.dumps(plan.to_dict(), indent=2) if args.json else format_plan(plan))

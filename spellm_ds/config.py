@@ -32,7 +32,8 @@ from spellm_ds.jsonio import read_json
 from spellm_ds.schema import ConfigError, Section, build, positive, set_dotted
 
 Selection = Literal["lowest", "teacher_prior"]
-Regularizer = Literal["kl6", "ce_top1", "none"]
+Regularizer = Literal["kl6", "ce_top1", "kl_full", "none"]
+TeacherMode = Literal["offline", "online"]
 DType = Literal["fp32", "bf16"]
 
 
@@ -193,7 +194,8 @@ class LossConfig(Section):
     """Weight of the teacher log-prob in the teacher_prior rule."""
     regularizer: Regularizer = "kl6"
     """kl6: KL over the 5 candidates + an 'everything else' bucket (full-vocab softmax); ce_top1: CE to
-    teacher top-1; none."""
+    teacher top-1; kl_full: KL over the teacher's whole vocabulary distribution (needs teacher: online);
+    none."""
     reg_weight: float = 0.1
     """Weight of the regulariser in the total loss."""
     reg_chunk: int = 1024
@@ -287,6 +289,10 @@ class TrainConfig(Section):
     """Stop (exit code 3) after this many micro-batches in a row with a non-finite loss."""
     log_interval: int = 1
     """Write training scalars every this many optimizer steps."""
+    teacher: TeacherMode = "offline"
+    """offline: the teacher's top-5 come from the shards (built by `spellm-ds build-shards`); online: the
+    model computes them in every forward from the shared frozen layers (the original MLPs of the trained
+    layers run a second time), so token-only shards (`build-shards --no-teacher`) suffice."""
     model: ModelConfig
     data: DataConfig
     batch: BatchConfig = field(default_factory=BatchConfig)
@@ -306,6 +312,11 @@ class TrainConfig(Section):
             p.append(f"schedule.warmup_steps={self.schedule.warmup_steps} exceeds max_steps={self.max_steps}")
         if self.schedule.min_lr > self.optim.lr:
             p.append(f"schedule.min_lr={self.schedule.min_lr} exceeds optim.lr={self.optim.lr}")
+        if self.loss.regularizer == "kl_full" and self.teacher != "online":
+            p.append(
+                f"loss.regularizer=kl_full needs the teacher's full distribution, which only teacher: online "
+                f"computes; teacher is {self.teacher} (set teacher=online or another loss.regularizer)"
+            )
         if self.eval.interval and not self.data.eval:
             p.append("eval.interval > 0 needs data.eval (held-out shards); set eval.interval=0 to disable")
         return p
@@ -426,6 +437,12 @@ def _check_shards(
         )
     if index["totals"]["samples"] < 1:
         problems.append(f"data.{kind}: shards in {location} hold no samples")
+    if cfg.teacher == "offline" and not index["top_k"]:
+        problems.append(
+            f"data.{kind}: shards in {location} hold input ids only (built with --no-teacher, top_k 0); "
+            "teacher: offline needs the teacher's top-k in the shards: set teacher=online or build "
+            "teacher shards"
+        )
     return index
 
 

@@ -89,11 +89,12 @@ from spellm_ds.export_format import (
     PAPER_THRESHOLD,
     open_export,
 )
+from spellm_ds.tail import TAIL_ATTENTION, run_original_tail, tail_attention_mask  # noqa: F401 (re-exported)
+from spellm_ds.tail import cache_kwarg as _cache_kwarg
 
 EXACT, AUTOCORRECT, FALLBACK = 0, 1, 2
 PATH_NAMES = ("exact", "autocorrect", "fallback")
 FALLBACK_KINDS = ("exact", "approximate")
-TAIL_ATTENTION = ("eager", "sdpa")  # attention implementations the original tail's 4-D mask supports
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -138,27 +139,6 @@ def sample_logits(
     filtered = top_p_filter(logits.float() / temperature, top_p)
     probs = filtered.softmax(-1).reshape(-1, logits.shape[-1])
     return torch.multinomial(probs, 1, generator=generator).view(logits.shape[:-1])
-
-
-def tail_attention_mask(
-    key_mask: Tensor, start: int, q_len: int, window: int | None = None, dtype: torch.dtype = torch.float32
-) -> Tensor:
-    """Additive attention mask `[B, 1, q_len, T]` for queries at columns `start..start+q_len-1`.
-
-    `key_mask` Bool[B, T] marks real (not padding) columns; a query sees real columns at or before its
-    own, and with `window` only those after `column - window` (transformers' sliding-window rule). A
-    query that sees nothing (a padding column) gets a finite uniform row, never NaN.
-    """
-    t = key_mask.shape[1]
-    keys = torch.arange(t, device=key_mask.device)
-    queries = torch.arange(start, start + q_len, device=key_mask.device)
-    allowed = keys[None, :] <= queries[:, None]
-    if window is not None:
-        allowed = allowed & (keys[None, :] > queries[:, None] - window)
-    allowed = allowed[None] & key_mask[:, None, :].bool()
-    zero = torch.zeros((), dtype=dtype, device=key_mask.device)
-    low = torch.full((), torch.finfo(dtype).min, dtype=dtype, device=key_mask.device)
-    return torch.where(allowed, zero, low)[:, None]
 
 
 class CharDecoder:
@@ -519,36 +499,11 @@ class SpeLLMForCausalLM(nn.Module):
         The inputs are columns `start..start+q-1`; `key_mask` Bool[n, start+q] marks real columns;
         `cache` (the tail's KV view) holds the K/V of the columns before `start` (None: `start` is 0).
         """
-        from spellm_ds.model import _get
-
         if not len(self.original_mlps):
             raise SpellmError("this model has no original tail (approximate fallback, or nothing trained)")
-        layers = self.model.layers
-        config = self.model.base.config
-        if config._attn_implementation not in TAIL_ATTENTION:
-            raise SpellmError(
-                f"the original tail runs with {' or '.join(TAIL_ATTENTION)} attention, not "
-                f"{config._attn_implementation!r}"
-            )
-        cache_kw = _cache_kwarg(layers[self.tail_start])
-        position_embeddings = self.model.body.rotary_emb(hidden, position_ids)
-        masks: dict[int | None, Tensor] = {}
-        x = hidden
-        for offset, mlp in enumerate(self.original_mlps):
-            layer = _with_module(layers[self.tail_start + offset], self.model.layout.mlp, mlp)
-            window = _sliding_window(layer, config)
-            if window not in masks:
-                masks[window] = tail_attention_mask(key_mask, start, x.shape[1], window, x.dtype)
-            kw = {} if cache is None else {cache_kw: cache, "use_cache": True}
-            out = layer(
-                x,
-                attention_mask=masks[window],
-                position_ids=position_ids,
-                position_embeddings=position_embeddings,
-                **kw,
-            )
-            x = out[0] if isinstance(out, tuple) else out
-        return _get(self.model.base, self.model.layout.norm)(x)
+        return run_original_tail(
+            self.model, self.original_mlps, self.tail_start, hidden, position_ids, key_mask, start, cache
+        )
 
     @torch.inference_mode()
     def forward_with_original(
@@ -847,29 +802,6 @@ class SpeLLMForCausalLM(nn.Module):
             if pid is not None:
                 return int(pid)
         return eos_ids[0] if eos_ids else 0
-
-
-def _with_module(layer: nn.Module, name: str, module: nn.Module) -> nn.Module:
-    """A shallow twin of `layer` whose child `name` is `module`; every other child is shared."""
-    twin = copy.copy(layer)
-    twin.__dict__["_modules"] = {**layer._modules, name: module}
-    return twin
-
-
-def _sliding_window(layer: nn.Module, config: Any) -> int | None:
-    """The sliding window of a decoder layer's attention (Qwen2: per layer; Mistral: the config's)."""
-    attn = getattr(layer, "self_attn", None)
-    if attn is not None and hasattr(attn, "sliding_window"):
-        return attn.sliding_window
-    return getattr(config, "sliding_window", None)
-
-
-def _cache_kwarg(body: nn.Module) -> str:
-    """The name under which this transformers version's model body takes the KV cache."""
-    import inspect
-
-    params = inspect.signature(body.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
 
 
 def _returned_cache(out: Any) -> Any:

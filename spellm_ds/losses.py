@@ -15,7 +15,9 @@ logits at t are scored against the candidates at t with no shift.
 - Token regularizer (`token_regularizer`): the frozen lm_head on the student's final hidden state, over
   the FULL vocabulary softmax. `kl6` is KL(teacher || student) over the K candidates plus one bucket for
   everything else (the teacher's rest mass is 1 - sum exp(logprob), since shard log-probs are full-vocab
-  values); `ce_top1` is cross-entropy to the teacher's top-1. It runs over chunks of tokens and computes
+  values); `ce_top1` is cross-entropy to the teacher's top-1; `kl_full` is KL(teacher || student) over the
+  whole vocabulary, from the teacher's final hidden state (the online teacher only: shards hold the top-K),
+  whose logits are recomputed chunk by chunk beside the student's. It runs over chunks of tokens and computes
   each chunk's input gradient in closed form while the chunk's logits exist (about two `[chunk, V]` fp32
   buffers), so neither forward nor backward ever holds `[N, V]` logits: backward only scales the stored
   `[N, d]` gradient, and needs no lm_head weight (no recompute, no gather under ZeRO-3).
@@ -33,7 +35,9 @@ from torch import Tensor
 from spellm_ds.errors import SpellmError
 
 SELECTION_RULES = ("lowest", "teacher_prior")
-REGULARIZERS = ("kl6", "ce_top1", "none")
+REGULARIZERS = ("kl6", "ce_top1", "kl_full", "none")
+# Regularizers that need the teacher's full distribution (its final hidden state), i.e. the online teacher.
+NEEDS_TEACHER_LOGITS = ("kl_full",)
 # Teacher log-probs below this are treated as probability 0 (fp16 shards can hold -inf).
 _MIN_LOGPROB = -1.0e4
 
@@ -160,9 +164,16 @@ def char_selection_loss(
     )
 
 
-def regularizer_rows(logits: Tensor, topk_ids: Tensor, topk_logprobs: Tensor, kind: str) -> Tensor:
+def regularizer_rows(
+    logits: Tensor, topk_ids: Tensor, topk_logprobs: Tensor, kind: str, teacher_logits: Tensor | None = None
+) -> Tensor:
     """Per-position regularizer Float[c] from full-vocabulary logits [c, V] (candidate ids distinct)."""
     z = logits.float()
+    if kind == "kl_full":
+        if teacher_logits is None:
+            raise SpellmError("loss.regularizer=kl_full needs the teacher's logits")
+        log_p = torch.log_softmax(teacher_logits.float(), dim=-1)
+        return (log_p.exp() * (log_p - torch.log_softmax(z, dim=-1))).sum(-1)
     lse = torch.logsumexp(z, dim=-1)
     lps = topk_logprobs.float().clamp(min=_MIN_LOGPROB)
     ids = topk_ids.long()
@@ -202,13 +213,15 @@ def token_regularizer_dense(
     topk_logprobs: Tensor,
     loss_mask: Tensor,
     kind: str = "kl6",
+    teacher_hidden: Tensor | None = None,
 ) -> RegularizerOut:
     """Unchunked regularizer (materialises [N, V] logits): the reference for `token_regularizer`."""
     d = hidden.shape[-1]
     h = hidden.reshape(-1, d)
     ids, lps, mask = _sanitize(topk_ids, topk_logprobs, loss_mask, weight.shape[0])
     logits = h @ weight.t()
-    rows = regularizer_rows(logits, ids, lps, kind)
+    teacher = teacher_hidden.reshape(-1, d) @ weight.t() if teacher_hidden is not None else None
+    rows = regularizer_rows(logits, ids, lps, kind, teacher)
     n = mask.sum()
     loss = torch.where(mask, rows, torch.zeros_like(rows)).sum() / n.clamp(min=1)
     with torch.no_grad():
@@ -218,7 +231,7 @@ def token_regularizer_dense(
 
 
 def _rows_and_grad(
-    logits: Tensor, ids: Tensor, lps: Tensor, mask: Tensor, kind: str
+    logits: Tensor, ids: Tensor, lps: Tensor, mask: Tensor, kind: str, teacher_logits: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
     """Masked per-position regularizer Float[c] and its gradient Float[c, V] w.r.t. the logits (in place).
 
@@ -227,11 +240,19 @@ def _rows_and_grad(
     P = sum of teacher candidate probs, r_t = max(0, 1 - P) and r_s = student mass outside the candidates:
     kl6 is sum_i p_i (lp_i - log q_i) + r_t (log r_t - log r_s), whose gradient is
     q_j (P + r_t - r_t / r_s) outside the candidates and q_j (P + r_t) - p_j on them;
-    ce_top1 is -log q_top1 with gradient q - onehot(top1).
+    ce_top1 is -log q_top1 with gradient q - onehot(top1); kl_full, with p = softmax(teacher logits t), is
+    sum_j p_j log p_j - sum_j p_j z_j + logsumexp(z) (since sum p = 1), with gradient q - p.
     """
     z = logits.float()
     lse = torch.logsumexp(z, dim=-1, keepdim=True)
     w = mask.float()[:, None]
+    if kind == "kl_full":
+        log_p = teacher_logits.float()
+        log_p = log_p.sub_(torch.logsumexp(log_p, dim=-1, keepdim=True))  # in the teacher buffer
+        p = log_p.exp()
+        rows = (p * log_p).sum(-1) - (p * z).sum(-1) + lse.squeeze(1)
+        grad = z.sub_(lse).exp_().sub_(p).mul_(w)
+        return torch.where(mask, rows, torch.zeros_like(rows)), grad
     if kind == "ce_top1":
         top1 = ids.gather(1, lps.argmax(-1, keepdim=True))
         rows = (lse - z.gather(1, top1)).squeeze(1)
@@ -254,7 +275,7 @@ class _ChunkedRegularizer(torch.autograd.Function):
     """Sum of per-position regularizer over masked-in rows, chunked; the input gradient is made in forward."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, ids, lps, mask, kind, chunk, grad_enabled):
+    def forward(ctx, hidden, weight, ids, lps, mask, kind, chunk, grad_enabled, teacher):
         want_h = grad_enabled and hidden.requires_grad and kind != "none"
         want_w = grad_enabled and weight.requires_grad and kind != "none"
         ctx.weight_dtype = weight.dtype
@@ -271,7 +292,8 @@ class _ChunkedRegularizer(torch.autograd.Function):
             agree += ((logits.argmax(-1) == top1[s:e]) & m).sum()
             if kind == "none":
                 continue
-            rows, gz = _rows_and_grad(logits, ids[s:e], lps[s:e], m, kind)
+            t_logits = teacher[s:e] @ weight.t() if teacher is not None else None
+            rows, gz = _rows_and_grad(logits, ids[s:e], lps[s:e], m, kind, t_logits)
             total += rows.sum()
             if want_h or want_w:
                 gz = gz.to(weight.dtype)
@@ -279,7 +301,7 @@ class _ChunkedRegularizer(torch.autograd.Function):
                     grad_h[s:e] = gz @ weight
                 if want_w:
                     grad_w += (gz.t() @ h).float()
-            del logits, gz
+            del logits, gz, t_logits
         ctx.save_for_backward(grad_h, grad_w)
         ctx.mark_non_differentiable(agree)
         return total, agree
@@ -289,7 +311,7 @@ class _ChunkedRegularizer(torch.autograd.Function):
         grad_h, grad_w = ctx.saved_tensors
         gh = (grad_h * g_total.to(grad_h.dtype)) if grad_h is not None else None
         gw = (grad_w * g_total).to(ctx.weight_dtype) if grad_w is not None else None
-        return gh, gw, None, None, None, None, None, None
+        return gh, gw, None, None, None, None, None, None, None
 
 
 def token_regularizer(
@@ -300,16 +322,25 @@ def token_regularizer(
     loss_mask: Tensor,
     kind: str = "kl6",
     chunk: int = 64,
+    teacher_hidden: Tensor | None = None,
 ) -> RegularizerOut:
     """Regularizer of the frozen head `weight` [V, d] on `hidden` [..., d], chunked over tokens.
 
-    `kind="none"` computes only `fallback_top1` (no loss, no gradient).
+    `kind="none"` computes only `fallback_top1` (no loss, no gradient). `kl_full` needs the teacher's
+    final hidden state `teacher_hidden` (shaped like `hidden`, no gradient).
     """
     check_regularizer(kind, chunk)
     d = hidden.shape[-1]
     h = hidden.reshape(-1, d)
+    if kind in NEEDS_TEACHER_LOGITS and teacher_hidden is None:
+        raise SpellmError(f"loss.regularizer={kind} needs the teacher's hidden state (the online teacher)")
+    teacher = None
+    if kind in NEEDS_TEACHER_LOGITS:
+        teacher = teacher_hidden.detach().reshape(-1, d).to(h.dtype)
     ids, lps, mask = _sanitize(topk_ids, topk_logprobs, loss_mask, weight.shape[0])
-    total, agree = _ChunkedRegularizer.apply(h, weight, ids, lps, mask, kind, chunk, torch.is_grad_enabled())
+    total, agree = _ChunkedRegularizer.apply(
+        h, weight, ids, lps, mask, kind, chunk, torch.is_grad_enabled(), teacher
+    )
     n = mask.sum()
     return RegularizerOut(loss=total / n.clamp(min=1), fallback_top1=agree / n.clamp(min=1), n_positions=n)
 

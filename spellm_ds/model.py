@@ -23,6 +23,12 @@ lm_head weight as its external parameter, so it is gathered exactly around the r
 backward hooks may gather it once more, unused: the regularizer's input gradient is computed in
 forward, see `spellm_ds.losses`).
 
+Online teacher (`online_teacher=True`, `spellm_ds.teacher`): the model also holds a frozen copy of the
+trained layers' original MLPs (`.teacher`, built inside the same ZeRO-3 `zero.Init`); a forward with
+`online_teacher=True` records the input of layer L-N (a second forward pre-hook), runs the original tail on
+it under no_grad after the body (once the grad hook is inactive) and trains against the teacher's top-K it
+gives, as a shard would hold them; they are returned in the output.
+
 Char heads start at zero (`head_init_std=0`): every head starts uniform (char loss k·ln|C| exactly),
 so the first steps do not push random-spelling gradients into the pretrained MLPs (the heads move first;
 the MLPs get char-loss gradient once the heads are non-zero, and regularizer gradient from step one),
@@ -138,6 +144,8 @@ class SpeLLMOutput(ModelOutput):
     reg_loss: Tensor | None = None  # None when the regularizer is off
     selected_ids: Tensor | None = None  # Long[B, T] token id trained on, -1 where masked / no candidate
     metrics: dict[str, Tensor] | None = None  # see `losses.char_metrics`, plus fallback_top1, char/reg_loss
+    teacher_topk_ids: Tensor | None = None  # Long[B, T, K] the online teacher's top-K (online forward only)
+    teacher_topk_logprobs: Tensor | None = None  # Float[B, T, K] their float16-rounded log-probs
 
 
 class TokenRegularizer(nn.Module):
@@ -161,11 +169,23 @@ class TokenRegularizer(nn.Module):
         loss_mask: Tensor,
         kind: str,
         chunk: int,
+        teacher_hidden: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """(loss, fallback_top1) of the lm_head on `hidden` ([..., d]); kind "none" gives a zero loss."""
         weight = self._lm_head.weight
-        out = losses.token_regularizer(hidden, weight, topk_ids, topk_logprobs, loss_mask, kind, chunk)
+        out = losses.token_regularizer(
+            hidden, weight, topk_ids, topk_logprobs, loss_mask, kind, chunk, teacher_hidden=teacher_hidden
+        )
         return out.loss, out.fallback_top1
+
+
+def _record_hook(owner: SpeLLMModel, target: nn.Module):
+    def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        # Not the original tail's twin of this layer, which shares its hooks.
+        if module is target and owner._record is not None:
+            owner._record.append(args[0] if args else kwargs["hidden_states"])
+
+    return hook
 
 
 def _enable_grad_hook(owner: SpeLLMModel):
@@ -181,7 +201,13 @@ class SpeLLMModel(nn.Module):
     """An HF causal LM (`.base`, HF names) plus k char heads (`.char_heads`) on its final normed state."""
 
     def __init__(
-        self, base: nn.Module, k: int, num_chars: int, trainable_layers: int = 5, head_init_std: float = 0.0
+        self,
+        base: nn.Module,
+        k: int,
+        num_chars: int,
+        trainable_layers: int = 5,
+        head_init_std: float = 0.0,
+        online_teacher: bool = False,
     ) -> None:
         super().__init__()
         if k < 1 or num_chars < 2:
@@ -213,6 +239,16 @@ class SpeLLMModel(nn.Module):
         self._grad_wanted: bool | None = None  # the caller's grad mode while forward runs the body
         if trainable_layers:
             layers[first].register_forward_pre_hook(_enable_grad_hook(self))
+        # The online teacher (spellm_ds.teacher): frozen original MLPs of the trained layers; the input of
+        # layer L-N is recorded in `forward` and fed to them.
+        self.teacher: nn.Module | None = None
+        self._record: list[Tensor] | None = None
+        if online_teacher:
+            from spellm_ds.teacher import OnlineTeacher
+
+            self.teacher = OnlineTeacher(self)
+            if trainable_layers:
+                layers[first].register_forward_pre_hook(_record_hook(self, layers[first]), with_kwargs=True)
 
         self.loss_cfg: Any = None
         self.register_buffer("token_chars", torch.zeros(0, k, dtype=torch.long), persistent=False)
@@ -273,6 +309,11 @@ class SpeLLMModel(nn.Module):
         (`token_chars`, `decodable`)."""
         losses.check_selection(loss_cfg.selection, loss_cfg.tau)
         losses.check_regularizer(loss_cfg.regularizer, loss_cfg.reg_chunk)
+        if loss_cfg.regularizer in losses.NEEDS_TEACHER_LOGITS and self.teacher is None:
+            raise SpellmError(
+                f"loss.regularizer={loss_cfg.regularizer} needs the teacher's full distribution: "
+                "build the model with the online teacher (teacher: online)"
+            )
         if not loss_cfg.reg_weight >= 0:
             raise SpellmError(f"loss.reg_weight must be >= 0, got {loss_cfg.reg_weight}")
         chars = torch.as_tensor(token_chars).long()
@@ -301,21 +342,40 @@ class SpeLLMModel(nn.Module):
         topk_logprobs: Tensor | None = None,
         loss_mask: Tensor | None = None,
         with_metrics: bool = True,
+        online_teacher: bool = False,
     ) -> SpeLLMOutput:
-        """Hidden state and char logits; with teacher tensors (and `set_loss` done) also loss and metrics."""
+        """Hidden state and char logits; with teacher tensors (and `set_loss` done) also loss and metrics.
+
+        `online_teacher=True` computes the teacher's top-K here (the model must be built with it; given
+        teacher tensors are ignored) and returns them in the output beside the loss and metrics.
+        """
+        if online_teacher and self.teacher is None:
+            raise SpellmError("online_teacher=True needs a model built with the online teacher")
         self._grad_wanted = torch.is_grad_enabled()
+        self._record = [] if online_teacher else None
         try:
             with torch.no_grad():
                 out = self.body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         finally:
             self._grad_wanted = None
+            recorded, self._record = self._record, None
         hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
         b, t = hidden.shape[:2]
         char_logits = self.char_heads(hidden).view(b, t, self.k, self.num_chars)
         result = SpeLLMOutput(hidden=hidden, char_logits=char_logits)
+        teacher_hidden = None
+        if online_teacher:
+            chunk = self.loss_cfg.reg_chunk if self.loss_cfg is not None else 1024
+            layer_input = recorded[0] if recorded else hidden
+            topk_ids, topk_logprobs, teacher_hidden = self.teacher(layer_input, hidden, attention_mask, chunk)
+            result.teacher_topk_ids, result.teacher_topk_logprobs = topk_ids, topk_logprobs
+            if loss_mask is None and attention_mask is not None:
+                loss_mask = attention_mask.bool()
+            if self.loss_cfg is None:
+                return result
         if topk_ids is None:
             return result
-        return self._losses(result, topk_ids, topk_logprobs, loss_mask, with_metrics)
+        return self._losses(result, topk_ids, topk_logprobs, loss_mask, with_metrics, teacher_hidden)
 
     def _losses(
         self,
@@ -324,6 +384,7 @@ class SpeLLMModel(nn.Module):
         topk_logprobs: Tensor | None,
         loss_mask: Tensor | None,
         metrics: bool,
+        teacher_hidden: Tensor | None = None,
     ) -> SpeLLMOutput:
         cfg = self.loss_cfg
         if cfg is None:
@@ -349,7 +410,7 @@ class SpeLLMModel(nn.Module):
         loss, reg_loss, fallback = char.loss, None, None
         if kind != "none" or metrics:
             reg_loss, fallback = self.regularizer(
-                res.hidden, topk_ids, topk_logprobs, loss_mask, kind, cfg.reg_chunk
+                res.hidden, topk_ids, topk_logprobs, loss_mask, kind, cfg.reg_chunk, teacher_hidden
             )
             if kind != "none":
                 loss = loss + cfg.reg_weight * reg_loss
@@ -428,8 +489,12 @@ def build_spellm_model(
     dtype: torch.dtype | str = torch.float32,
     ds_config: Mapping[str, Any] | str | os.PathLike | None = None,
     head_init_std: float = 0.0,
+    online_teacher: bool = False,
 ) -> SpeLLMModel:
-    """Load a local HF causal LM and wrap it; with a ZeRO-3 `ds_config` it is partitioned at load."""
+    """Load a local HF causal LM and wrap it; with a ZeRO-3 `ds_config` it is partitioned at load.
+
+    `online_teacher` adds the frozen copy of the trained layers' original MLPs (`spellm_ds.teacher`).
+    """
     global _HF_DS_CONFIG
     from transformers import AutoModelForCausalLM
 
@@ -451,8 +516,8 @@ def build_spellm_model(
 
         hpz_group = getattr(groups, "_ZERO_PARAM_INTRA_PARALLEL_GROUP", None)
         with deepspeed.zero.Init(config_dict_or_path=cfg, zero_param_parallel_group=hpz_group):
-            model = SpeLLMModel(base, k, num_chars, trainable_layers, head_init_std)
+            model = SpeLLMModel(base, k, num_chars, trainable_layers, head_init_std, online_teacher)
     else:
         base = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=dtype)
-        model = SpeLLMModel(base, k, num_chars, trainable_layers, head_init_std)
+        model = SpeLLMModel(base, k, num_chars, trainable_layers, head_init_std, online_teacher)
     return model

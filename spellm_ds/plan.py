@@ -59,6 +59,15 @@ micro-batch and sequence length):
                      original MLPs, K and V of N layers, layer L-N inputs (an upper bound: a sequence
                      keeps them only for positions the original tail has not processed yet)
 
+Online teacher (`teacher: online`, `--online`): the model also holds a frozen copy of the N original
+MLPs (partitioned like every frozen parameter), and every micro-batch runs the last N layers and the
+lm_head a second time, without grad:
+    teacher copy         = N·mlp parameters, 2·N·mlp / W bytes per GPU (+ 2·N·mlp / H with hpZ), in `params`
+    attention per token  = 2·S·h·e per layer (QK^T and AV, 2 FLOPs per multiply-add, S/2 keys on average)
+    teacher forward      = 2·(L·layer + V·d) + L·attention   FLOPs per token (what building shards costs)
+    online teacher       = 2·(N·layer + V·d) + N·attention   FLOPs per token (per training pass over it)
+    (`kl_full` adds one more V·d product per token: 2·V·d.)
+
 Fit: model states + gather working set + activations + reserve (CUDA context, NCCL buffers,
 allocator fragmentation; default 4 GiB) ≤ GPU memory. Activations are linear in B, so the largest
 micro-batch that fits is ⌊(GPU memory − everything else) / (peak activations per sample)⌋.
@@ -234,6 +243,7 @@ class PlanInputs(Section):
     reserve_gib: float = 4.0  # CUDA context, NCCL buffers, fragmentation
     inter_node_gbs: float = 50.0  # per-GPU bus bandwidth across nodes, GB/s (400 Gb/s NIC per GPU)
     intra_node_gbs: float = 300.0  # per-GPU bus bandwidth inside a node, GB/s (NVLink class)
+    online: bool = False  # teacher: online (a frozen copy of the N original MLPs; the tail runs twice)
 
     def problems(self) -> list[str]:
         problems: list[str] = []
@@ -308,6 +318,10 @@ class Plan:
     reduce_scatter_bytes: int
     max_micro_batch: int
     exact_fallback_bytes: int = 0  # inference, not in the total: original MLPs + tail KV + pending inputs
+    online_teacher_params: int = 0  # teacher: online: the frozen copy of the N original MLPs
+    online_teacher_bytes: int = 0  # its share of `params_bytes` (+ `hpz_bytes`) per GPU
+    teacher_forward_flops_per_token: int = 0  # one full teacher forward (what a shard-building pass costs)
+    online_teacher_flops_per_token: int = 0  # the online teacher's extra forward work per token
     extra: dict = field(default_factory=dict)
 
     @property
@@ -371,6 +385,7 @@ def make_plan(model: ModelShape, inputs: PlanInputs) -> Plan:
     heads = d * inputs.k * inputs.num_chars
     total = model.base_params + heads
     trainable = heads + n * model.mlp_params
+    copy = n * model.mlp_params if inputs.online else 0  # frozen, so it counts like any frozen weight
     largest = max(model.largest_module_params, heads)
 
     tail_per_token = BF16 * (6 * d + 2 * kvdim + 4 * f) + 2 * FP32
@@ -380,8 +395,8 @@ def make_plan(model: ModelShape, inputs: PlanInputs) -> Plan:
     per_sample = tokens * (n * tail_per_token + head_per_token + transient_per_token)
     chunk = 2 * FP32 * inputs.reg_chunk_tokens * model.vocab_size
 
-    params_bytes = math.ceil(BF16 * total / w)
-    hpz_bytes = math.ceil(BF16 * total / hpz) if hpz > 1 else 0
+    params_bytes = math.ceil(BF16 * (total + copy) / w)
+    hpz_bytes = math.ceil(BF16 * (total + copy) / hpz) if hpz > 1 else 0
     grads_bytes = math.ceil(GRAD_BYTES * trainable / w)
     optim_bytes = math.ceil(OPTIM_BYTES * trainable / w)
     bwd = n * model.layer_params + d + heads + model.vocab_size * d
@@ -389,7 +404,7 @@ def make_plan(model: ModelShape, inputs: PlanInputs) -> Plan:
     reserve = round(inputs.reserve_gib * GIB)
     gpu = round(inputs.gpu_mem_gib * GIB)
 
-    per_micro = total + (0 if inputs.tail_resident else bwd)
+    per_micro = total + copy + (0 if inputs.tail_resident else bwd)
     spans_nodes = inputs.nodes > 1
     global_bw = (inputs.inter_node_gbs if spans_nodes else inputs.intra_node_gbs) * 1e9
     local_bw = inputs.intra_node_gbs * 1e9
@@ -403,7 +418,7 @@ def make_plan(model: ModelShape, inputs: PlanInputs) -> Plan:
             global_bytes=g_glob,
             node_bytes=g_node,
             seconds=g_glob / global_bw + g_node / local_bw,
-            first_step_extra_bytes=BF16 * (total - trainable) * (w - 1) // w,
+            first_step_extra_bytes=BF16 * (total + copy - trainable) * (w - 1) // w,
         )
     else:
         with_hpz = without
@@ -413,6 +428,9 @@ def make_plan(model: ModelShape, inputs: PlanInputs) -> Plan:
     exact_fallback = (
         BF16 * n * model.mlp_params + BF16 * 2 * n * kvdim * infer_tokens + BF16 * d * infer_tokens
     )
+    attention = 2 * inputs.seq_len * model.num_heads * model.head_dim
+    lm_head = model.vocab_size * d
+    teacher_flops = 2 * (model.num_layers * model.layer_params + lm_head) + model.num_layers * attention
     return Plan(
         model=model,
         inputs=inputs,
@@ -440,6 +458,12 @@ def make_plan(model: ModelShape, inputs: PlanInputs) -> Plan:
         reduce_scatter_bytes=BF16 * a * trainable * (w - 1) // w,
         max_micro_batch=int(max_mb),
         exact_fallback_bytes=exact_fallback,
+        online_teacher_params=copy,
+        online_teacher_bytes=math.ceil(BF16 * copy / w) + (math.ceil(BF16 * copy / hpz) if hpz > 1 else 0),
+        teacher_forward_flops_per_token=teacher_flops,
+        online_teacher_flops_per_token=(2 * (n * model.layer_params + lm_head) + n * attention)
+        if inputs.online
+        else 0,
         extra={"hpz_for_traffic": hp},
     )
 
@@ -505,8 +529,21 @@ def format_plan(plan: Plan) -> str:
             _row(f"  + inside the node ({hp} GPUs)", wh.node_bytes) + f"   (>= {wh.seconds:.2f} s in all)",
             _row("  + first step only", wh.first_step_extra_bytes) + f"   (frozen, {i.world_size} GPUs)",
         ]
+    lines += [_row("gradient reduce-scatter", plan.reduce_scatter_bytes) + f"   ({i.world_size} GPUs)"]
+    if i.online:
+        share = plan.online_teacher_flops_per_token / max(1, plan.teacher_forward_flops_per_token)
+        lines += [
+            "",
+            "online teacher (teacher: online)",
+            f"  original MLP copies         {_count(plan.online_teacher_params)}   "
+            f"({i.trainable_layers} MLPs, frozen)",
+            _row("their memory per GPU", plan.online_teacher_bytes) + "   (included in params / hpZ above)",
+            f"  teacher FLOPs per token     {plan.online_teacher_flops_per_token / 1e9:10.2f} GFLOP   "
+            f"({100 * share:.1f}% of a full teacher forward, "
+            f"{plan.teacher_forward_flops_per_token / 1e9:.2f} GFLOP, at seq {i.seq_len})",
+            "  offline instead: one teacher forward per token to build shards, then none in training",
+        ]
     lines += [
-        _row("gradient reduce-scatter", plan.reduce_scatter_bytes) + f"   ({i.world_size} GPUs)",
         "",
         f"verdict    {'FITS' if plan.fits else 'DOES NOT FIT'} at micro-batch {i.micro_batch}; "
         f"largest micro-batch that fits: {plan.max_micro_batch}",

@@ -50,6 +50,9 @@ Fault-injection hooks for tests (environment variables, read at start; unset in 
     SPELLM_TEST_STEP_SLEEP=0.2      sleep this many seconds after every optimizer step
     SPELLM_TRACE_SAMPLES=DIR        each rank appends "step<TAB>sample indices" per micro-batch to
                                     DIR/rank<R>.tsv (the exactly-once accounting the tests check)
+    SPELLM_TRACE_TEACHER=DIR        teacher: online only: each rank saves the sample indices and the
+                                    online teacher's top-k of every training micro-batch to
+                                    DIR/rank<R>_<count>.npz (compared with teacher shards by the tests)
 """
 
 from __future__ import annotations
@@ -89,6 +92,30 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     span = max(1, cfg.max_steps - warm)
     progress = min(1.0, (step - warm) / span)
     return low + 0.5 * (peak - low) * (1.0 + math.cos(math.pi * progress))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Resume checks
+
+
+def _resume_target(cfg: TrainConfig) -> Path | None:
+    """The checkpoint this run resumes from (`spellm_ds.checkpoint.resume_target`), of this teacher mode."""
+    return _check_teacher_mode(cfg, ckpt.resume_target(cfg.checkpoint_dir, cfg.checkpoint.resume))
+
+
+def _check_teacher_mode(cfg: TrainConfig, checkpoint: Path | None) -> Path | None:
+    """Refuse to resume a checkpoint of the other teacher mode (the models hold different parameters)."""
+    if checkpoint is None:
+        return None
+    saved = ckpt.read_meta(checkpoint).get("teacher", "offline")  # checkpoints without the field are offline
+    if saved != cfg.teacher:
+        raise SpellmError(
+            f"checkpoint {checkpoint} was trained with teacher: {saved}, this config has "
+            f"teacher: {cfg.teacher}; "
+            "an online model also holds the frozen original MLPs, so the modes do not resume each other: "
+            f"set teacher={saved} to continue it, or start a new run (another run_dir or checkpoint.dir)"
+        )
+    return checkpoint
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -168,6 +195,8 @@ def _read_hooks() -> dict[str, Any]:
         "kill_at_step": int(env.get("SPELLM_TEST_KILL_AT_STEP", "0") or 0),
         "step_sleep": float(env.get("SPELLM_TEST_STEP_SLEEP", "0") or 0),
         "trace_dir": env.get("SPELLM_TRACE_SAMPLES") or None,
+        "teacher_dir": env.get("SPELLM_TRACE_TEACHER") or None,
+        "teacher_count": 0,
     }
 
 
@@ -183,7 +212,7 @@ def train(cfg: TrainConfig) -> int:
     try:
         info = detect()
         pre = preflight(cfg, info.world_size)  # bad input stops here, before any process group
-        resume = ckpt.resume_target(cfg.checkpoint_dir, cfg.checkpoint.resume)
+        resume = _resume_target(cfg)
         run = _setup(cfg, pre, info, resume)
     except BaseException:
         stop.restore()
@@ -288,6 +317,8 @@ def _setup(cfg: TrainConfig, pre: Preflight, info: Any, resume: Path | None) -> 
         trace = Path(run.hooks["trace_dir"])
         trace.mkdir(parents=True, exist_ok=True)
         run.trace = (trace / f"rank{run.rank}.tsv").open("a", encoding="utf-8")
+    if run.hooks["teacher_dir"]:
+        Path(run.hooks["teacher_dir"]).mkdir(parents=True, exist_ok=True)
     return run
 
 
@@ -345,6 +376,7 @@ def _build_model(cfg: TrainConfig, table: Any, ds_config: dict[str, Any]) -> tor
         trainable_layers=cfg.model.trainable_layers,
         dtype=cfg.model.dtype,
         ds_config=ds_config,
+        online_teacher=cfg.teacher == "online",
     )
     model.set_loss(cfg.loss, table.token_chars, table.decodable)
     return model
@@ -426,13 +458,40 @@ def _trace(run: Run, step: int, batch: dict[str, torch.Tensor]) -> None:
 
 
 def _forward(run: Run, batch: dict[str, torch.Tensor], with_metrics: bool) -> Any:
-    """Engine forward with the teacher tensors: the model computes loss and metrics inside (ZeRO-3 safe)."""
+    """Engine forward with the teacher tensors: the model computes loss and metrics inside (ZeRO-3 safe).
+
+    Online, the model computes the teacher's top-k itself (the shards' are ignored, if they hold any).
+    """
+    if run.cfg.teacher == "online":
+        out = run.engine(
+            input_ids=batch["input_ids"],
+            loss_mask=batch["loss_mask"],
+            with_metrics=with_metrics,
+            online_teacher=True,
+        )
+        _trace_teacher(run, batch, out)
+        return out
     return run.engine(
         input_ids=batch["input_ids"],
         topk_ids=batch["topk_ids"],
         topk_logprobs=batch["topk_logprobs"],
         loss_mask=batch["loss_mask"],
         with_metrics=with_metrics,
+    )
+
+
+def _trace_teacher(run: Run, batch: dict[str, torch.Tensor], out: Any) -> None:
+    """With `SPELLM_TRACE_TEACHER=DIR`: save the online teacher's top-k of every micro-batch on every rank."""
+    trace = run.hooks["teacher_dir"]
+    if not trace or not run.engine.module.training:  # training micro-batches only
+        return
+    run.hooks["teacher_count"] += 1
+    path = Path(trace) / f"rank{run.rank}_{run.hooks['teacher_count']:06d}.npz"
+    np.savez(
+        path,
+        sample_index=batch["sample_index"].cpu().numpy(),
+        topk_ids=out.teacher_topk_ids.cpu().numpy(),
+        topk_logprobs=out.teacher_topk_logprobs.cpu().numpy(),
     )
 
 
@@ -528,6 +587,7 @@ def _save(run: Run, state: TrainState) -> None:
         "config": run.cfg.to_dict(),
         "charset_hash": run.table.hash,
         "tokenizer_hash": run.pre.tokenizer_hash,
+        "teacher": run.cfg.teacher,
     }
     meta = {
         "tokens_seen": state.tokens_seen,
@@ -537,6 +597,7 @@ def _save(run: Run, state: TrainState) -> None:
         "model_path": str(Path(run.cfg.model.path).resolve()),
         "trainable_layers": run.cfg.model.trainable_layers,
         "k": run.cfg.model.k,
+        "teacher": run.cfg.teacher,
         "config": run.cfg.to_dict(),
     }
     ckpt.save_checkpoint(
@@ -708,7 +769,12 @@ def _warm_start(run: Run) -> None:
     t0 = time.perf_counter()
     run.engine.eval()
     fit = warm_start_heads(
-        run.engine, run.engine.module, batches(), iters=cfg.warm_start.iters, l2=cfg.warm_start.l2
+        run.engine,
+        run.engine.module,
+        batches(),
+        iters=cfg.warm_start.iters,
+        l2=cfg.warm_start.l2,
+        online=cfg.teacher == "online",
     )
     # The optimizer's fp32 master partitions were copied at initialize: copy the fitted heads into them,
     # or the first step would write the old (zero) heads back.
@@ -748,6 +814,8 @@ def _evaluate(run: Run, state: TrainState) -> dict[str, float]:
         for name, value in terms.items():
             sums[name] = sums.get(name, 0.0) + float(value) * w
         if sample_batch is None and run.rank == 0:
+            if out.teacher_topk_ids is not None:  # online: the teacher's top-k come from the model
+                batch = {**batch, "topk_ids": out.teacher_topk_ids}
             sample_batch = (batch, out.char_logits.detach())
     run.engine.train()
     sums["_weight"] = weight

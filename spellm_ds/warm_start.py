@@ -84,24 +84,31 @@ def _all_gather_cat(t: Tensor) -> Tensor:
 
 @torch.no_grad()
 def warm_start_heads(
-    engine: Any, model: Any, batches: Iterable[dict[str, Tensor]], *, iters: int, l2: float
+    engine: Any,
+    model: Any,
+    batches: Iterable[dict[str, Tensor]],
+    *,
+    iters: int,
+    l2: float,
+    online: bool = False,
 ) -> dict[str, float]:
     """Collective: fit every char head on the batches' final hidden states and write the weights.
 
     `engine` runs the forward (a DeepSpeed engine, or the model itself); every rank must pass the same
-    number of batches. Returns the fit's figures: positions, and mean per-head accuracy and cross-entropy
-    on the fitted positions before (zero heads: ln|C|) and after.
+    number of batches. `online`: the labels come from the model's online teacher, not the batches.
+    Returns the fit's figures: positions, and mean per-head accuracy and cross-entropy on the fitted
+    positions before (zero heads: ln|C|) and after.
     """
     import torch.distributed as dist
 
     feats, labels, valid = [], [], []
     for batch in batches:
-        out = engine(input_ids=batch["input_ids"])
+        out = engine(input_ids=batch["input_ids"], online_teacher=online)
         feats.append(out.hidden.reshape(-1, out.hidden.shape[-1]).float())
         device = feats[-1].device
         rows, ok = selected_rows(
-            batch["topk_ids"],
-            batch["topk_logprobs"],
+            out.teacher_topk_ids if online else batch["topk_ids"],
+            out.teacher_topk_logprobs if online else batch["topk_logprobs"],
             batch["loss_mask"],
             model.token_chars.to(device),
             model.eligible.to(device),

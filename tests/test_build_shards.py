@@ -362,3 +362,39 @@ def test_gpu_build_agrees_with_cpu(reference, tiny_llama, inputs, tmp_path):
                 np.testing.assert_allclose(
                     a["topk_logprobs"].astype(np.float32), b["topk_logprobs"].astype(np.float32), atol=2e-2
                 )
+
+
+def test_no_teacher_shards_hold_the_same_sequences_validate_and_resume(
+    reference, tiny_llama, inputs, tmp_path
+):
+    """--no-teacher: top_k 0, input ids and masks equal to the teacher build's; a rerun rebuilds only gaps."""
+    import json
+
+    out = tmp_path / "tokens"
+    # No model is loaded: a teacher directory without weights is enough (tokenizer + config.json).
+    tok_only = tmp_path / "tok_only"
+    shutil.copytree(tiny_llama, tok_only, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
+    summary = build_shards(_config(tok_only, inputs, out, no_teacher=True), rank=0, world_size=1)
+    assert summary.index_written and summary.shards_built == list(range(SAMPLES // PER_SHARD))
+    report = validate_dataset(out)
+    assert report.ok, report.problems
+    index, ref_index = shards.read_index(out), shards.read_index(reference)
+    assert index["top_k"] == 0 and index["build_args"]["no_teacher"] is True
+    assert index["totals"] == {**ref_index["totals"], "bytes": index["totals"]["bytes"]}
+    for i in range(len(index["shards"])):
+        got = list(shards.iter_shard(out / shards.shard_name(i)))
+        ref = list(shards.iter_shard(reference / shards.shard_name(i)))
+        assert [s["__key__"] for s in got] == [s["__key__"] for s in ref]
+        for a, b in zip(got, ref):
+            np.testing.assert_array_equal(a["input_ids"], b["input_ids"])
+            np.testing.assert_array_equal(a["loss_mask"], b["loss_mask"])
+            assert a["topk_ids"].shape == (SEQ_LEN, 0) and a["topk_logprobs"].shape == (SEQ_LEN, 0)
+    before = _files(out)
+    (out / shards.shard_name(2)).unlink()
+    (out / "index.json").unlink()
+    again = build_shards(_config(tok_only, inputs, out, no_teacher=True), rank=0, world_size=1)
+    assert again.shards_built == [2] and _files(out) == before
+    # A teacher build into the token-only directory is another dataset: refused, naming the difference.
+    with pytest.raises(SpellmError, match="top_k"):
+        build_shards(_config(tiny_llama, inputs, out), rank=0, world_size=1)
+    assert json.loads((out / "build.json").read_text())["teacher"]["weights_hash"] is None

@@ -355,3 +355,37 @@ def test_string_matches_strict_and_lenient_by_hand():
         assert anyp.tolist() == want_any, what
     _, trunc, _ = losses.string_matches(torch.tensor([1, 2, 3]).expand(4, 3), cand)
     assert not trunc.any()  # no length information: no candidate is longer than k
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 64])
+def test_kl_full_chunked_matches_float64_autograd_kl(chunk):
+    """kl_full = KL(teacher || student) over the whole vocabulary; the teacher side gets no gradient."""
+    gen = torch.Generator().manual_seed(8)
+    n, d, vocab = 11, 8, 48
+    hidden = torch.randn(n, d, generator=gen)
+    teacher_hidden = hidden + 0.3 * torch.randn(n, d, generator=gen)
+    weight = torch.randn(vocab, d, generator=gen) * 0.6
+    ids, lps = _teacher(n, vocab, gen)
+    mask = torch.rand(n, generator=gen) > 0.3
+    h = hidden.clone().requires_grad_(True)
+    w = weight.clone().requires_grad_(True)
+    out = losses.token_regularizer(
+        h, w, ids, lps, mask, kind="kl_full", chunk=chunk, teacher_hidden=teacher_hidden
+    )
+    (3.0 * out.loss).backward()
+    h64 = hidden.double().requires_grad_(True)
+    w64 = weight.double().requires_grad_(True)
+    log_q = torch.log_softmax(h64 @ w64.t(), -1)
+    log_p = torch.log_softmax(teacher_hidden.double() @ weight.double().t(), -1)
+    rows = torch.nn.functional.kl_div(log_q, log_p, log_target=True, reduction="none").sum(-1)
+    ref = rows[mask].mean()
+    (3.0 * ref).backward()
+    torch.testing.assert_close(out.loss.double(), ref.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(h.grad.double(), h64.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(w.grad.double(), w64.grad, rtol=1e-4, atol=1e-6)
+    dense = losses.token_regularizer_dense(hidden, weight, ids, lps, mask, "kl_full", teacher_hidden)
+    torch.testing.assert_close(dense.loss.double(), ref.detach(), rtol=1e-5, atol=1e-6)
+    same = losses.token_regularizer(hidden, weight, ids, lps, mask, "kl_full", chunk, teacher_hidden=hidden)
+    assert abs(float(same.loss)) < 1e-5  # the student equal to the teacher: KL 0
+    with pytest.raises(SpellmError, match="kl_full needs the teacher"):
+        losses.token_regularizer(hidden, weight, ids, lps, mask, "kl_full", chunk)

@@ -12,6 +12,7 @@ Run alone: .venv/bin/python -m pytest tests/test_plan.py -q
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 
@@ -264,3 +265,25 @@ def test_cli_bad_config_exits_2(tmp_path):
     assert out.returncode == 2 and "model_type 'gpt2' is not supported" in out.stderr
     out = _cli("--model-config", str(tmp_path / "missing.json"), "--nodes", "1", "--gpus-per-node", "1")
     assert out.returncode == 2 and "missing.json" in out.stderr
+
+
+def test_online_teacher_memory_and_flops_by_hand():
+    """--online: the N original MLP copies are frozen params; the teacher's FLOPs per token by arithmetic."""
+    model = load_model_shape(CFG_70B)
+    inputs = dict(nodes=4, gpus_per_node=8, seq_len=2048, micro_batch=1, trainable_layers=5)
+    off = make_plan(model, PlanInputs(**inputs))
+    on = make_plan(model, PlanInputs(**inputs, online=True))
+    d, f, layers, heads, vocab, e = 8192, 28672, 80, 64, 128256, 128
+    copy = 5 * 3 * d * f  # five [d, f] MLPs of three matrices each
+    assert on.online_teacher_params == copy and off.online_teacher_params == 0
+    assert on.params_bytes == math.ceil(2 * (on.total_params + copy) / 32)
+    assert on.hpz_bytes == math.ceil(2 * (on.total_params + copy) / 8)
+    assert on.online_teacher_bytes == math.ceil(2 * copy / 32) + math.ceil(2 * copy / 8)
+    assert (
+        on.total_bytes - off.total_bytes == on.params_bytes - off.params_bytes + on.hpz_bytes - off.hpz_bytes
+    )
+    layer = 2 * d * d + 2 * d * 8 * e + 3 * d * f + 2 * d  # q, o, k, v (8 KV heads), MLP, two norms
+    attention = 2 * 2048 * heads * e
+    assert on.online_teacher_flops_per_token == 2 * (5 * layer + vocab * d) + 5 * attention
+    assert on.teacher_forward_flops_per_token == 2 * (layers * layer + vocab * d) + layers * attention
+    assert 0.06 < on.online_teacher_flops_per_token / on.teacher_forward_flops_per_token < 0.08

@@ -28,8 +28,12 @@ EVAL_SAMPLES = 16
 TRAINABLE_LAYERS = 2
 
 
-def build_tiny_dataset(model_dir: Path, docs: list[Path], out: Path) -> tuple[Path, Path]:
-    """Build train and held-out shards from `model_dir` as teacher with `data_prep.build` (in-process)."""
+def build_tiny_dataset(
+    model_dir: Path, docs: list[Path], out: Path, no_teacher: bool = False
+) -> tuple[Path, Path]:
+    """Build train and held-out shards from `model_dir` as teacher with `data_prep.build` (in-process).
+
+    `no_teacher`: token-only shards (the same sequences, no teacher top-k)."""
     from data_prep.build import BuildConfig, build_shards
 
     half = len(docs) // 2
@@ -45,6 +49,7 @@ def build_tiny_dataset(model_dir: Path, docs: list[Path], out: Path) -> tuple[Pa
                 batch_size=8,
                 max_samples=count,
                 progress=False,
+                no_teacher=no_teacher,
             ),
             rank=0,
             world_size=1,
@@ -230,3 +235,27 @@ def checkpoint_params(root: Path, tag: str) -> dict[str, Any]:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     return dict(get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag))
+
+
+def shard_teacher(location: Path) -> dict[int, tuple[Any, Any]]:
+    """Sample index -> (top-k ids, top-k log-probs) as the teacher shards at `location` store them."""
+    from spellm_ds import shards
+
+    out = {}
+    for entry in shards.read_index(location)["shards"]:
+        for s in shards.iter_shard(Path(location) / entry["name"]):
+            out[int(s["__key__"])] = (s["topk_ids"], s["topk_logprobs"])
+    return out
+
+
+def read_teacher_trace(trace_dir: Path) -> list[tuple[int, Any, Any]]:
+    """(sample index, top-k ids, top-k log-probs) of every sequence the online teacher saw."""
+    import numpy as np
+
+    out = []
+    for f in sorted(Path(trace_dir).glob("rank*_*.npz")):
+        with np.load(f) as z:
+            for i, index in enumerate(z["sample_index"].tolist()):
+                if index >= 0:
+                    out.append((int(index), z["topk_ids"][i], z["topk_logprobs"][i]))
+    return out
