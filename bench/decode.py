@@ -80,7 +80,8 @@ from torch import nn
 
 from spellm_ds.charset import CharTable
 from spellm_ds.export_format import PAPER_THRESHOLD
-from spellm_ds.inference import SpeLLMForCausalLM, _cache_kwarg, _returned_cache
+from spellm_ds.inference import SpeLLMForCausalLM
+from spellm_ds.tail import cache_kwarg, returned_cache
 
 V, K = 128_256, 10
 
@@ -431,7 +432,7 @@ def bench_full_model(
             "exact_rate": exact_step,
         }
         body = model.body
-        cache_kw = _cache_kwarg(body)
+        cache_kw = cache_kwarg(body)
         times: dict[str, list[float]] = {name: [] for name in variants}
         first_step: dict[str, list[float]] = {"approx_rate": [], "exact_rate": []}
         body_times: list[float] = []
@@ -448,7 +449,7 @@ def bench_full_model(
         prompt_in: list[torch.Tensor] = []
         with exact_sp._recording(prompt_in.append) if has_tail else contextlib.nullcontext():
             o = body(input_ids=prompt, use_cache=True)
-        prompt_cache, h_prompt = _returned_cache(o), o.last_hidden_state[:, -1]
+        prompt_cache, h_prompt = returned_cache(o), o.last_hidden_state[:, -1]
         for _ in range(reps):
             caches = {name: copy.deepcopy(prompt_cache) for name in names}
             tails["exact_rate"] = _ExactFallback(exact_sp, 1, p_len + new_tokens)
@@ -465,7 +466,7 @@ def bench_full_model(
                     else:
                         with recording(name):
                             o = body(input_ids=tok, use_cache=True, **{cache_kw: caches[name]})
-                        caches[name] = _returned_cache(o)
+                        caches[name] = returned_cache(o)
                         h = o.last_hidden_state[:, -1]
                         if name == "base":
                             sync()

@@ -89,8 +89,7 @@ from spellm_ds.export_format import (
     PAPER_THRESHOLD,
     open_export,
 )
-from spellm_ds.tail import TAIL_ATTENTION, run_original_tail, tail_attention_mask  # noqa: F401 (re-exported)
-from spellm_ds.tail import cache_kwarg as _cache_kwarg
+from spellm_ds.tail import cache_kwarg, check_attention, returned_cache, run_original_tail
 
 EXACT, AUTOCORRECT, FALLBACK = 0, 1, 2
 PATH_NAMES = ("exact", "autocorrect", "fallback")
@@ -354,12 +353,7 @@ class SpeLLMForCausalLM(nn.Module):
             )
         if not per_layer:
             return  # nothing trained below the heads: the student's hidden state is the teacher's
-        impl = getattr(self.model.base.config, "_attn_implementation", None)
-        if impl not in TAIL_ATTENTION:
-            raise SpellmError(
-                f"the exact fallback runs with {' or '.join(TAIL_ATTENTION)} attention, this model uses "
-                f"{impl!r}: load it with attn_implementation='sdpa' or use fallback='approximate'"
-            )
+        check_attention(self.model.base.config, "the exact fallback (or use fallback='approximate')")
         first = min(per_layer)
         mlps = []
         for i in range(first, len(layers)):
@@ -712,9 +706,9 @@ class SpeLLMForCausalLM(nn.Module):
         position = mask.cumsum(-1) - 1
         position = position.masked_fill(mask == 0, 1)
         body = self.model.body
-        cache_kw = _cache_kwarg(body)
+        cache_kw = cache_kwarg(body)
         out = body(input_ids=input_ids, attention_mask=mask, position_ids=position, use_cache=True)
-        cache = _returned_cache(out)
+        cache = returned_cache(out)
         hidden = out.last_hidden_state[:, -1]
         next_pos = position[:, -1:] + 1
         done = torch.zeros(b, dtype=torch.bool, device=device)
@@ -752,7 +746,7 @@ class SpeLLMForCausalLM(nn.Module):
                 use_cache=True,
                 **{cache_kw: cache},
             )
-            cache = _returned_cache(out)
+            cache = returned_cache(out)
             hidden = out.last_hidden_state[:, -1]
             next_pos = next_pos + 1
         tokens = torch.stack(new_tokens, 1)
@@ -802,11 +796,6 @@ class SpeLLMForCausalLM(nn.Module):
             if pid is not None:
                 return int(pid)
         return eos_ids[0] if eos_ids else 0
-
-
-def _returned_cache(out: Any) -> Any:
-    cache = getattr(out, "cache", None)
-    return cache if cache is not None else out.past_key_values
 
 
 def _apply_delta(base: nn.Module, delta: dict[str, Tensor], where: Path) -> None:

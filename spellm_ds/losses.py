@@ -67,20 +67,9 @@ class RegularizerOut:
     n_positions: Tensor  # Long scalar: masked-in positions
 
 
-def check_selection(selection: str, tau: float) -> None:
-    """Raise SpellmError if the selection rule or tau is not usable."""
-    if selection not in SELECTION_RULES:
-        raise SpellmError(f"loss.selection={selection!r} is not one of {', '.join(SELECTION_RULES)}")
-    if not tau >= 0:
-        raise SpellmError(f"loss.tau must be >= 0, got {tau}")
-
-
-def check_regularizer(kind: str, chunk: int) -> None:
-    """Raise SpellmError if the regularizer kind or chunk size is not usable."""
-    if kind not in REGULARIZERS:
-        raise SpellmError(f"loss.regularizer={kind!r} is not one of {', '.join(REGULARIZERS)}")
-    if chunk < 1:
-        raise SpellmError(f"loss.reg_chunk must be >= 1, got {chunk}")
+def _unknown(what: str, value: str, known: tuple[str, ...]) -> SpellmError:
+    """The error for a rule name outside `known` (the run config has already refused such a value)."""
+    return SpellmError(f"unknown {what} {value!r} (one of {', '.join(known)})")
 
 
 def candidate_chars(topk_ids: Tensor, token_chars: Tensor, eligible: Tensor) -> tuple[Tensor, Tensor]:
@@ -111,7 +100,7 @@ def select_candidates(
     if selection == "teacher_prior":
         key = key - tau * topk_logprobs.float().clamp(min=_MIN_LOGPROB)
     elif selection != "lowest":
-        check_selection(selection, tau)
+        raise _unknown("selection", selection, SELECTION_RULES)
     key = key.masked_fill(~eligible, float("inf"))
     # Among equal keys take the teacher's most likely candidate (independent of the candidates' order).
     tied = key == key.min(-1, keepdim=True).values
@@ -131,7 +120,8 @@ def char_selection_loss(
     tau: float = 1.0,
 ) -> CharLoss:
     """Char loss of the selected teacher candidate per position (see the module docstring)."""
-    check_selection(selection, tau)
+    if selection not in SELECTION_RULES:
+        raise _unknown("selection", selection, SELECTION_RULES)
     k, c = char_logits.shape[-2:]
     logits = char_logits.reshape(-1, k, c)
     kk = topk_ids.shape[-1]
@@ -181,8 +171,7 @@ def regularizer_rows(
         top1 = ids.gather(1, lps.argmax(-1, keepdim=True))
         return lse - z.gather(1, top1).squeeze(1)
     if kind != "kl6":
-        check_regularizer(kind, 1)
-        raise SpellmError(f"loss.regularizer={kind!r} has no per-position value")
+        raise _unknown("regularizer with a per-position value", kind, ("kl6", "ce_top1", "kl_full"))
     s = z.gather(1, ids) - lse[:, None]  # student full-vocab log-probs of the candidates
     in_cand = torch.zeros_like(z, dtype=torch.bool).scatter_(1, ids, True)
     # Student rest mass as a masked logsumexp: stable even when the candidates hold almost all mass.
@@ -329,7 +318,10 @@ def token_regularizer(
     `kind="none"` computes only `fallback_top1` (no loss, no gradient). `kl_full` needs the teacher's
     final hidden state `teacher_hidden` (shaped like `hidden`, no gradient).
     """
-    check_regularizer(kind, chunk)
+    if kind not in REGULARIZERS:
+        raise _unknown("regularizer", kind, REGULARIZERS)
+    if chunk < 1:
+        raise SpellmError(f"reg_chunk must be >= 1, got {chunk}")
     d = hidden.shape[-1]
     h = hidden.reshape(-1, d)
     if kind in NEEDS_TEACHER_LOGITS and teacher_hidden is None:

@@ -307,15 +307,11 @@ class SpeLLMModel(nn.Module):
         """Configure the losses: `loss_cfg` has selection, tau, regularizer, reg_weight, reg_chunk
         (`spellm_ds.config.LossConfig`); `token_chars` [V, k] and `eligible` [V] come from a CharTable
         (`token_chars`, `decodable`)."""
-        losses.check_selection(loss_cfg.selection, loss_cfg.tau)
-        losses.check_regularizer(loss_cfg.regularizer, loss_cfg.reg_chunk)
         if loss_cfg.regularizer in losses.NEEDS_TEACHER_LOGITS and self.teacher is None:
             raise SpellmError(
                 f"loss.regularizer={loss_cfg.regularizer} needs the teacher's full distribution: "
                 "build the model with the online teacher (teacher: online)"
             )
-        if not loss_cfg.reg_weight >= 0:
-            raise SpellmError(f"loss.reg_weight must be >= 0, got {loss_cfg.reg_weight}")
         chars = torch.as_tensor(token_chars).long()
         elig = torch.as_tensor(eligible).bool()
         if chars.ndim != 2 or chars.shape[1] != self.k or elig.shape != chars.shape[:1]:

@@ -41,9 +41,26 @@ class Section:
         return []
 
     def __post_init__(self) -> None:
-        found = self.problems()
+        found = _choice_problems(self) + self.problems()
         if found:
             raise ConfigError(f"invalid {type(self).__name__}", found)
+
+
+def _choice_problems(obj: Any) -> list[str]:
+    """Problems of fields typed `Literal[...]` (or optional ones) whose value is not one of the choices."""
+    out: list[str] = []
+    for name, tp in typing.get_type_hints(type(obj)).items():
+        args = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
+        literals = [a for a in args if typing.get_origin(a) is Literal]
+        if not literals or not hasattr(obj, name):
+            continue
+        value = getattr(obj, name)
+        allowed = [c for lit in literals for c in typing.get_args(lit)]
+        if value is None and type(None) in args:
+            continue
+        if value not in allowed:
+            out.append(f"{type(obj).__name__}.{name}={value!r} is not one of {', '.join(map(str, allowed))}")
+    return out
 
 
 def positive(problems: list[str], name: str, value: float | None, allow_zero: bool = False) -> None:

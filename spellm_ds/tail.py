@@ -72,6 +72,12 @@ def cache_kwarg(body: nn.Module) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
+def returned_cache(out: Any) -> Any:
+    """The KV cache a model body returned (its name differs across transformers versions)."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
 def check_attention(config: Any, what: str = "the original tail") -> None:
     """Raise SpellmError unless the model's attention implementation takes the tail's 4-D mask."""
     impl = getattr(config, "_attn_implementation", None)

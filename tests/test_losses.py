@@ -133,7 +133,8 @@ def test_bad_rules_raise():
         losses.token_regularizer(torch.zeros(1, 2), torch.zeros(3, 2), torch.zeros(1, K).long(),
                                  torch.zeros(1, K), torch.ones(1).bool(), kind="kl5")  # fmt: skip
     with pytest.raises(SpellmError, match="reg_chunk"):
-        losses.check_regularizer("kl6", 0)
+        losses.token_regularizer(torch.zeros(1, 2), torch.zeros(3, 2), torch.zeros(1, K).long(),
+                                 torch.zeros(1, K), torch.ones(1).bool(), kind="kl6", chunk=0)  # fmt: skip
 
 
 def _ref_regularizer(hidden, weight, ids, lps, mask, kind):

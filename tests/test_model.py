@@ -174,6 +174,7 @@ def test_heads_only_and_zero_init(tiny_llama):
 
 
 def test_bad_input_errors(tiny_llama, tmp_path):
+    from spellm_ds.config import LossConfig
     from spellm_ds.errors import SpellmError
     from spellm_ds.model import build_spellm_model, check_model
 
@@ -192,7 +193,7 @@ def test_bad_input_errors(tiny_llama, tmp_path):
     with pytest.raises(SpellmError, match="symbol ids outside"):
         model.set_loss(LOSS, table + C, eligible)
     with pytest.raises(SpellmError, match="selection"):
-        model.set_loss(types.SimpleNamespace(**{**vars(LOSS), "selection": "best"}), table, eligible)
+        LossConfig(**{**vars(LOSS), "selection": "best"})  # refused where configs are validated
     with pytest.raises(SpellmError, match="set_loss"):
         model(**_batch(vocab, seed=5))
     with pytest.raises(SpellmError, match="dtype"):
