@@ -4,13 +4,19 @@ Supported, in order of precedence: torchrun / the `deepspeed` launcher (RANK, WO
 Open MPI (OMPI_COMM_WORLD_*), MPICH / Intel MPI (PMI_RANK, PMI_SIZE), SLURM tasks (SLURM_PROCID,
 SLURM_NTASKS, SLURM_LOCALID). No MPI library is needed for any of them. A SLURM array job is a
 separate concern (`array_task()`): each array task is an independent world of its own.
+
+Topology checks for ZeRO++ hpZ: `check_hpz_fits_node` refuses a secondary partition that cannot stay
+inside one node before anything starts, and `hpz_layout` reads the groups DeepSpeed built (ranks and
+hosts) and refuses one that spans hosts.
 """
 
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 from dataclasses import dataclass
+from typing import Any
 
 from spellm_ds.errors import SpellmError
 
@@ -142,3 +148,41 @@ def default_device(device: str | None = None) -> str:
     import torch
 
     return device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def check_hpz_fits_node(ds_path: str, ds_config: dict[str, Any], ranks_per_node: int) -> None:
+    """Refuse a ZeRO++ hpZ partition that cannot stay inside one node (it would gather across nodes)."""
+    hpz = int(ds_config.get("zero_optimization", {}).get("zero_hpz_partition_size", 1) or 1)
+    if hpz > 1 and ranks_per_node % hpz:
+        raise SpellmError(
+            f"{ds_path}: zero_optimization.zero_hpz_partition_size is {hpz}, but this job runs "
+            f"{ranks_per_node} rank(s) per node; the secondary partition must stay inside a node: set it "
+            f"to the ranks per node (--ntasks-per-node) or a divisor of it"
+        )
+
+
+def hpz_layout() -> list[tuple[list[int], list[str]]]:
+    """Collective: the ranks and hosts of every hpZ secondary-partition group DeepSpeed built ([] if off).
+
+    DeepSpeed groups consecutive ranks; a group whose ranks sit on different hosts would pull the
+    frozen weights across nodes at every forward, so that is an error (rank placement not in blocks).
+    """
+    import deepspeed.comm as dist
+    from deepspeed.utils import groups
+
+    group = getattr(groups, "_ZERO_PARAM_INTRA_PARALLEL_GROUP", None)
+    mine = sorted(dist.get_all_ranks_from_group(group)) if group is not None else []
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, (mine, socket.gethostname()))
+    if not any(ranks for ranks, _ in gathered):
+        return []
+    layout = []
+    for ranks in sorted({tuple(r) for r, _ in gathered}):
+        layout.append((list(ranks), [gathered[r][1] for r in ranks]))
+    spanning = [f"ranks {list(r)} on {sorted(set(h))}" for r, h in layout if len(set(h)) > 1]
+    if spanning:
+        raise SpellmError(
+            "ZeRO++ hpZ secondary partitions span nodes (" + "; ".join(spanning) + "): launch ranks in "
+            "blocks per node (srun --distribution=block) with zero_hpz_partition_size = ranks per node"
+        )
+    return layout

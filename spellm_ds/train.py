@@ -60,9 +60,7 @@ from __future__ import annotations
 import math
 import os
 import random
-import resource
 import signal
-import socket
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -73,6 +71,8 @@ import numpy as np
 import torch
 
 from spellm_ds import checkpoint as ckpt
+from spellm_ds import dist as dist_env
+from spellm_ds import monitor
 from spellm_ds.config import Preflight, TrainConfig, fill_ds_config, preflight
 from spellm_ds.errors import SpellmError
 from spellm_ds.log import ALL_RANKS, get_logger
@@ -270,7 +270,7 @@ def _setup(cfg: TrainConfig, pre: Preflight, info: Any, resume: Path | None) -> 
     warnings.filterwarnings(
         "ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning
     )
-    check_hpz_fits_node(cfg.deepspeed, pre.ds_config, info.local_world_size)
+    dist_env.check_hpz_fits_node(cfg.deepspeed, pre.ds_config, info.local_world_size)
     device_name, backend = device_and_backend(info)
     device = torch.device(device_name)
     if device.type == "cuda":
@@ -291,7 +291,7 @@ def _setup(cfg: TrainConfig, pre: Preflight, info: Any, resume: Path | None) -> 
     model = _build_model(cfg, table, ds_config)
     groups = model.param_groups(cfg.optim.mlp_lr_scale)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config)
-    hpz_groups = hpz_layout()
+    hpz_groups = dist_env.hpz_layout()
     run = Run(
         cfg=cfg,
         pre=pre,
@@ -320,44 +320,6 @@ def _setup(cfg: TrainConfig, pre: Preflight, info: Any, resume: Path | None) -> 
     if run.hooks["teacher_dir"]:
         Path(run.hooks["teacher_dir"]).mkdir(parents=True, exist_ok=True)
     return run
-
-
-def check_hpz_fits_node(ds_path: str, ds_config: dict[str, Any], ranks_per_node: int) -> None:
-    """Refuse a ZeRO++ hpZ partition that cannot stay inside one node (it would gather across nodes)."""
-    hpz = int(ds_config.get("zero_optimization", {}).get("zero_hpz_partition_size", 1) or 1)
-    if hpz > 1 and ranks_per_node % hpz:
-        raise SpellmError(
-            f"{ds_path}: zero_optimization.zero_hpz_partition_size is {hpz}, but this job runs "
-            f"{ranks_per_node} rank(s) per node; the secondary partition must stay inside a node: set it "
-            f"to the ranks per node (--ntasks-per-node) or a divisor of it"
-        )
-
-
-def hpz_layout() -> list[tuple[list[int], list[str]]]:
-    """Collective: the ranks and hosts of every hpZ secondary-partition group DeepSpeed built ([] if off).
-
-    DeepSpeed groups consecutive ranks; a group whose ranks sit on different hosts would pull the
-    frozen weights across nodes at every forward, so that is an error (rank placement not in blocks).
-    """
-    import deepspeed.comm as dist
-    from deepspeed.utils import groups
-
-    group = getattr(groups, "_ZERO_PARAM_INTRA_PARALLEL_GROUP", None)
-    mine = sorted(dist.get_all_ranks_from_group(group)) if group is not None else []
-    gathered: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, (mine, socket.gethostname()))
-    if not any(ranks for ranks, _ in gathered):
-        return []
-    layout = []
-    for ranks in sorted({tuple(r) for r, _ in gathered}):
-        layout.append((list(ranks), [gathered[r][1] for r in ranks]))
-    spanning = [f"ranks {list(r)} on {sorted(set(h))}" for r, h in layout if len(set(h)) > 1]
-    if spanning:
-        raise SpellmError(
-            "ZeRO++ hpZ secondary partitions span nodes (" + "; ".join(spanning) + "): launch ranks in "
-            "blocks per node (srun --distribution=block) with zero_hpz_partition_size = ranks per node"
-        )
-    return layout
 
 
 def _model_vocab(cfg: TrainConfig) -> int:
@@ -638,39 +600,9 @@ def _restore(run: Run, resume: Path | None) -> TrainState:
 # Logging and eval
 
 
-def _memory_mb(device: torch.device) -> dict[str, float]:
-    if device.type == "cuda":
-        return {
-            "memory/cuda_max_allocated_mb": torch.cuda.max_memory_allocated(device) / 2**20,
-            "memory/cuda_allocated_mb": torch.cuda.memory_allocated(device) / 2**20,
-        }
-    out = {"memory/max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-    try:
-        pages = int(Path("/proc/self/statm").read_text().split()[1])
-        out["memory/rss_mb"] = pages * os.sysconf("SC_PAGE_SIZE") / 2**20
-    except (OSError, ValueError, IndexError):
-        pass
-    return out
-
-
-def _mean_over_ranks(run: Run, values: dict[str, float]) -> dict[str, float]:
-    import torch.distributed as dist
-
-    names = sorted(values)
-    t = torch.tensor([values[n] for n in names], dtype=torch.float64, device=run.device)
-    dist.all_reduce(t)
-    return {n: float(v) / run.world_size for n, v in zip(names, t.tolist())}
-
-
 def _open_writer(run: Run, state: TrainState) -> None:
-    from torch.utils.tensorboard import SummaryWriter
-
     if run.rank == 0 and run.writer is None:
-        run.cfg.tensorboard_dir.mkdir(parents=True, exist_ok=True)
-        # purge_step drops events a crashed run logged after the checkpoint it resumes from
-        run.writer = SummaryWriter(
-            str(run.cfg.tensorboard_dir), purge_step=state.step + 1 if state.step else None
-        )
+        run.writer = monitor.open_writer(run.cfg.tensorboard_dir, state.step)
 
 
 def _log_start(run: Run, state: TrainState, resume: Path | None) -> None:
@@ -691,28 +623,10 @@ def _log_start(run: Run, state: TrainState, resume: Path | None) -> None:
         _say(f"hpZ secondary partitions of {len(run.hpz_groups[0][0])} ranks: {where}")
     if run.writer is None:
         return
-    from torch.utils.tensorboard.summary import hparams
-
-    text = run.cfg.to_yaml()
-    run.writer.add_text("config", "```yaml\n" + text + "\n```", global_step=state.step)
-    flat = _flatten(run.cfg.to_dict())
+    flat = monitor.flatten(run.cfg.to_dict())
     flat.update(world_size=run.world_size, train_batch=run.pre.train_batch, grad_accum=run.pre.grad_accum)
     flat["trainable_params"] = trainable
-    hp = {k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in flat.items()}
-    exp, ssi, sei = hparams(hp, {"train/loss": float("nan"), "eval/loss": float("nan")})
-    for summary in (exp, ssi, sei):
-        run.writer.file_writer.add_summary(summary)
-    run.writer.flush()
-
-
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v if v is not None else "null"
-    return out
+    monitor.write_header(run.writer, run.cfg.to_yaml(), flat, state.step)
 
 
 def _log_train(run: Run, state: TrainState, stats: StepStats) -> None:
@@ -720,10 +634,10 @@ def _log_train(run: Run, state: TrainState, stats: StepStats) -> None:
     means["time/data_wait_s"] = stats.data_wait
     means["time/compute_s"] = stats.wall - stats.data_wait
     means["time/step_s"] = stats.wall
-    means.update(_memory_mb(run.device))
+    means.update(monitor.memory_mb(run.device))
     # Every rank's count holds the merged total at the last resume plus its own since: sum the increments.
     means["data/corrupt_samples"] = float(run.loader.corrupt_skipped - run.corrupt_at_start)
-    avg = _mean_over_ranks(run, means)
+    avg = monitor.mean_over_ranks(means, run.device, run.world_size)
     avg["data/corrupt_samples"] = avg["data/corrupt_samples"] * run.world_size + run.corrupt_at_start
     if run.writer is None:
         return
@@ -743,9 +657,7 @@ def _log_train(run: Run, state: TrainState, stats: StepStats) -> None:
             "progress/epoch": float(run.loader.epoch),
         }
     )
-    for name, value in scalars.items():
-        run.writer.add_scalar(name, value, state.step)
-    run.writer.flush()
+    monitor.write_scalars(run.writer, scalars, state.step)
     if state.step == 1 or state.step % (10 * run.cfg.log_interval) == 0 or state.step == run.cfg.max_steps:
         _say(f"step {state.step}: loss {scalars.get('train/loss', float('nan')):.4f} lr {stats.lr:.3g}")
 
@@ -831,46 +743,16 @@ def _evaluate(run: Run, state: TrainState) -> dict[str, float]:
         for name, value in result.items():
             run.writer.add_scalar(name, value, state.step)
         if sample_batch is not None and run.cfg.eval.text_samples:
-            run.writer.add_text("eval/samples", _text_samples(run, *sample_batch), state.step)
+            batch, logits = sample_batch
+            text = monitor.text_samples(
+                batch,
+                logits,
+                lookup=run.lookup,
+                tokenizer=run.tokenizer,
+                charset=run.table.charset,
+                count=run.cfg.eval.text_samples,
+            )
+            run.writer.add_text("eval/samples", text, state.step)
         run.writer.flush()
     _say(f"eval at step {state.step}: loss {result.get('eval/loss', float('nan')):.4f}")
     return result
-
-
-def _text_samples(
-    run: Run, batch: dict[str, torch.Tensor], char_logits: torch.Tensor, positions: int = 32
-) -> str:
-    """Markdown: per position, the input token, the teacher's top-1 next token and the student's decode."""
-    chars = char_logits.argmax(-1)  # [B, T, k]
-    ids = run.lookup.lookup(chars)  # [B, T], -1 when the spelled string is no token
-    tok = run.tokenizer
-    cs = run.table.charset
-    parts = []
-    for b in range(min(run.cfg.eval.text_samples, chars.shape[0])):
-        if int(batch["sample_index"][b]) < 0:
-            continue
-        n = min(positions, chars.shape[1])
-        context = tok.decode(batch["input_ids"][b, :n].tolist())
-        rows = ["| t | input | teacher top-1 | student | match |", "|---|---|---|---|---|"]
-        hits = 0
-        for t in range(n):
-            teacher = int(batch["topk_ids"][b, t, 0])
-            student = int(ids[b, t])
-            shown = tok.decode([student]) if student >= 0 else "⟨" + cs.decode(chars[b, t].tolist()) + "⟩"
-            hit = student == teacher
-            hits += hit
-            given = tok.decode([int(batch["input_ids"][b, t])])
-            rows.append(
-                f"| {t} | `{_md(given)}` | `{_md(tok.decode([teacher]))}` | `{_md(shown)}` "
-                f"| {'✓' if hit else '✗'} |"
-            )
-        parts.append(
-            f"**sample {int(batch['sample_index'][b])}** "
-            f"({hits}/{n} equal to teacher top-1; ⟨⟩ = spelled string that is no token)\n\n"
-            f"text: `{_md(context)}`\n\n" + "\n".join(rows)
-        )
-    return "\n\n".join(parts)
-
-
-def _md(text: str) -> str:
-    return text.replace("\n", "\\n").replace("|", "\\|").replace("`", "'")

@@ -31,8 +31,8 @@ import torch
 from conftest import REPO_ROOT
 from slurm_cluster import NetnsSlurmCluster, netns_unavailable
 
+from spellm_ds.dist import check_hpz_fits_node
 from spellm_ds.errors import SpellmError
-from spellm_ds.train import check_hpz_fits_node
 
 pytestmark = pytest.mark.slurm
 NODES, PER_NODE = 2, 2
