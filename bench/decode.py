@@ -332,8 +332,8 @@ def bench_full_model(
     """Part 2: time per generated token, SpeLLM vs base greedy, batch 1 with a KV cache."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from spellm_ds.inference import _ExactFallback
     from spellm_ds.model import SpeLLMModel
+    from spellm_ds.tail import ExactFallback
 
     spec = dict(SHAPES[shape])
     if num_layers is not None:
@@ -412,7 +412,7 @@ def bench_full_model(
         # over the prompt is timed apart) and then on `fallback_rate` of the timed steps, spread evenly.
         at_rate = [True, *fallback_schedule(new_tokens - 1, fallback_rate)]
         ones = torch.ones(1, p_len + new_tokens, dtype=torch.long, device=device)
-        tails: dict[str, _ExactFallback] = {}
+        tails: dict[str, ExactFallback] = {}
 
         def exact_step(h: torch.Tensor, t: int) -> object:
             if not has_tail:
@@ -452,7 +452,7 @@ def bench_full_model(
         prompt_cache, h_prompt = returned_cache(o), o.last_hidden_state[:, -1]
         for _ in range(reps):
             caches = {name: copy.deepcopy(prompt_cache) for name in names}
-            tails["exact_rate"] = _ExactFallback(exact_sp, 1, p_len + new_tokens)
+            tails["exact_rate"] = ExactFallback(exact_sp, 1, p_len + new_tokens)
             for x in prompt_in:
                 tails["exact_rate"].record(x)
             for t in range(new_tokens):

@@ -26,7 +26,7 @@ Two kinds of fallback (`SpeLLMForCausalLM.fallback`):
   layers L-N..L-1 run with the original MLPs, then the final norm and the lm_head; fed the input of layer
   L-N, which the student computes identically, it gives the teacher's distribution exactly. In
   `generate` a forward pre-hook on layer L-N records its input for every new position; the original tail
-  has its own KV cache for those N layers only (`_TailKV`: per layer `[B, g, T_max, e]` by sequence
+  has its own KV cache for those N layers only (`TailKV`: per layer `[B, g, T_max, e]` by sequence
   column, allocated at the first fallback). When a row falls back, the tail runs once over every position
   of that row it has not processed yet (from the row's last catch-up, or the whole prompt at the first
   one, up to the current position) and its last output is the fallback's hidden state. Rows that fall
@@ -89,7 +89,7 @@ from spellm_ds.export_format import (
     PAPER_THRESHOLD,
     open_export,
 )
-from spellm_ds.tail import cache_kwarg, check_attention, returned_cache, run_original_tail
+from spellm_ds.tail import ExactFallback, cache_kwarg, check_attention, returned_cache, run_original_tail
 
 EXACT, AUTOCORRECT, FALLBACK = 0, 1, 2
 PATH_NAMES = ("exact", "autocorrect", "fallback")
@@ -198,90 +198,6 @@ class GenerateOutput:
         """The counters as shares of the generated tokens."""
         total = max(1, self.counters.get("tokens", 0))
         return {name: self.counters.get(name, 0) / total for name in PATH_NAMES}
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Exact fallback: the original tail's KV cache and per-row catch-up state for one `generate` call
-
-
-class _TailKV:
-    """K/V of the original tail's layers for a batch, indexed by sequence column (allocated on first use)."""
-
-    def __init__(self, batch: int, capacity: int) -> None:
-        self.batch, self.capacity = batch, capacity
-        self.k: dict[int, Tensor] = {}
-        self.v: dict[int, Tensor] = {}
-
-    def view(self, rows: Tensor | None, start: int) -> _TailKVView:
-        """The cache object one catch-up hands to the tail's decoder layers (rows None: every row)."""
-        return _TailKVView(self, rows, start)
-
-
-class _TailKVView:
-    """Duck-typed transformers cache: `update` writes new K/V at columns `start..` of `rows` and returns
-    every column up to the last written one for those rows."""
-
-    def __init__(self, kv: _TailKV, rows: Tensor | None, start: int) -> None:
-        self.kv, self.rows, self.start = kv, rows, start
-
-    def update(
-        self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args: Any, **kwargs: Any
-    ) -> tuple[Tensor, Tensor]:
-        """Store this call's K/V `[n, g, q, e]` and return the layer's K/V of columns `0..start+q-1`."""
-        kv = self.kv
-        if layer_idx not in kv.k:
-            _, g, _, e = key_states.shape
-            kv.k[layer_idx] = key_states.new_zeros(kv.batch, g, kv.capacity, e)
-            kv.v[layer_idx] = value_states.new_zeros(kv.batch, g, kv.capacity, value_states.shape[-1])
-        k, v = kv.k[layer_idx], kv.v[layer_idx]
-        end = self.start + key_states.shape[2]
-        if end > kv.capacity:
-            raise RuntimeError(f"original-tail cache holds {kv.capacity} columns, asked for {end}")
-        if self.rows is None:
-            k[:, :, self.start : end] = key_states
-            v[:, :, self.start : end] = value_states
-            return k[:, :, :end], v[:, :, :end]
-        k[self.rows, :, self.start : end] = key_states
-        v[self.rows, :, self.start : end] = value_states
-        return k[self.rows, :, :end], v[self.rows, :, :end]
-
-
-class _ExactFallback:
-    """Per-row progress of the original tail during one `generate` call (see the module doc)."""
-
-    def __init__(self, owner: SpeLLMForCausalLM, batch: int, capacity: int) -> None:
-        self.owner = owner
-        self.seen = [0] * batch  # columns the original tail has processed, per row
-        self.chunks: list[tuple[int, Tensor]] = []  # (first column, layer L-N inputs [B, n, d])
-        self.columns = 0
-        self.kv = _TailKV(batch, capacity)
-        self.mask: Tensor | None = None  # Long[B, columns] the 2-D attention mask of the columns so far
-
-    def record(self, hidden: Tensor) -> None:
-        """Keep the layer L-N inputs `[B, n, d]` of the next n columns (called by the forward pre-hook)."""
-        self.chunks.append((self.columns, hidden))
-        self.columns += hidden.shape[1]
-
-    def hidden(self, rows: list[int] | None) -> Tensor:
-        """The original model's final normed hidden state `[n, d]` at the last column of `rows`."""
-        mask = self.mask
-        if mask is None or mask.shape[1] != self.columns:
-            raise RuntimeError("exact fallback: the attention mask does not match the recorded columns")
-        batch = len(self.seen)
-        ids = range(batch) if rows is None else rows
-        start = min(self.seen[r] for r in ids)
-        idx = None if rows is None or len(rows) == batch else torch.tensor(rows, device=mask.device)
-        pieces = [t[:, max(0, start - c0) :] for c0, t in self.chunks if c0 + t.shape[1] > start]
-        x = pieces[0] if len(pieces) == 1 else torch.cat(pieces, 1)
-        if idx is not None:
-            x, mask = x[idx], mask[idx]
-        position = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)[:, start:]
-        out = self.owner.original_tail(x, position, mask.bool(), start, self.kv.view(idx, start))
-        for r in ids:
-            self.seen[r] = self.columns
-        low = min(self.seen)
-        self.chunks = [(c0, t) for c0, t in self.chunks if c0 + t.shape[1] > low]
-        return out[:, -1]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -659,9 +575,9 @@ class SpeLLMForCausalLM(nn.Module):
         input_ids = input_ids.to(device)
         b = input_ids.shape[0]
         thr = self.threshold if threshold == "default" else threshold
-        exact: _ExactFallback | None = None
+        exact: ExactFallback | None = None
         if self.fallback == "exact" and len(self.original_mlps) and (thr is not None or not autocorrect):
-            exact = _ExactFallback(self, b, input_ids.shape[1] + max_new_tokens)
+            exact = ExactFallback(self, b, input_ids.shape[1] + max_new_tokens)
         with self._recording(exact.record) if exact else contextlib.nullcontext():
             return self._generate(
                 input_ids,
@@ -683,7 +599,7 @@ class SpeLLMForCausalLM(nn.Module):
         self,
         input_ids: Tensor,
         attention_mask: Tensor | None,
-        exact: _ExactFallback | None,
+        exact: ExactFallback | None,
         *,
         max_new_tokens: int,
         temperature: float,
