@@ -67,6 +67,7 @@ SOURCES = {
     ],
     "generate": [
         "spellm_ds/inference.py",
+        "spellm_ds/tail.py",
         "spellm_ds/export_format.py",
         "spellm_ds/charset/*.py",
         "spellm_ds/compare.py",
