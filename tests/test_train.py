@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
-import signal
 import subprocess
 from pathlib import Path
 
@@ -233,23 +231,7 @@ def test_frozen_bit_identical_trainable_changed_optimizer_state_and_keep_latest_
 @pytest.mark.dist
 def test_kill9_then_resume_auto_equals_uninterrupted(baseline, tiny_data, tmp_path):
     cfg = _config(tmp_path, tiny_data, "run")
-    env = {"SPELLM_TEST_NAN_BATCHES": NAN, "SPELLM_TEST_KILL_AT_STEP": "10"}
-    killed = th.launch("torchrun", cfg, env={**env, "SPELLM_TRACE_SAMPLES": str(tmp_path / "t1")})
-    assert killed.returncode != 0
-    root = tmp_path / "run" / "checkpoints"
-    assert (root / LATEST).read_text() == tag_for(8)  # the kill came after step 10, between saves
-    del env["SPELLM_TEST_KILL_AT_STEP"]
-    resumed = th.launch("torchrun", cfg, env={**env, "SPELLM_TRACE_SAMPLES": str(tmp_path / "t2")})
-    _ok(resumed)
-    assert f"resumed from {root / tag_for(8)}" in resumed.stdout
-    drawn = th.read_trace(tmp_path / "t1", max_step=8) + th.read_trace(tmp_path / "t2")
-    missing, repeated = th.exactly_once(drawn, th.TRAIN_SAMPLES)
-    assert missing == [] and repeated == []
-    ref = th.checkpoint_params(baseline["dir"] / "checkpoints", tag_for(STEPS))
-    got = th.checkpoint_params(root, tag_for(STEPS))
-    assert ref.keys() == got.keys()
-    worst = max((ref[k] - got[k]).abs().max().item() for k in ref)
-    assert worst <= 1e-7, f"resumed parameters differ from the uninterrupted run by {worst}"
+    th.kill9_then_resume(cfg, tmp_path, baseline["dir"] / "checkpoints", NAN, STEPS)
     # TensorBoard: the killed run's steps 9-10 were purged by the resumed writer (one value per step).
     steps = [s for s, _ in th.read_scalars(tmp_path / "run" / "tensorboard")["train/loss"]]
     assert steps == list(range(1, STEPS + 1))
@@ -282,26 +264,13 @@ def test_sigusr1_saves_complete_checkpoint_on_every_rank_and_exits_75(tiny_data,
         pytest.skip("mpirun not installed (Debian openmpi-bin)")
     cfg = _config(tmp_path, tiny_data, "run", checkpoint={"interval": 100, "keep_latest_k": 2})
     trace = tmp_path / "trace"
-    # mpirun forwards SIGUSR1 to every rank; the step sleep keeps the run alive until the signal lands.
-    proc, log = th.start(
-        "mpirun", cfg, env={"SPELLM_TRACE_SAMPLES": str(trace), "SPELLM_TEST_STEP_SLEEP": "0.5"}
-    )
-    try:
-        th.wait_for(lambda: len(th.read_trace(trace)) >= 2 * 2 * 2, 240, proc, "two training steps")
-        proc.send_signal(signal.SIGUSR1)
-        code = proc.wait(timeout=120)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    text = log.read_text()
+    code, text = th.usr1_after_two_steps(cfg, trace)
     assert code == EXIT_INTERRUPTED, text[-6000:]
     root = tmp_path / "run" / "checkpoints"
     tag = (root / LATEST).read_text()
     step = json.loads((root / tag / META_NAME).read_text())["step"]
     assert 2 <= step < STEPS
-    for rank in (0, 1):
-        for kind in ("model_states", "optim_states"):
-            assert (root / tag / f"zero_pp_rank_{rank}_mp_rank_00_{kind}.pt").is_file()
+    th.assert_complete_rank_files(root / tag)
     assert f"signal received: saved {tag}" in text
     # Every micro-batch drawn before the save belongs to a step the checkpoint covers.
     assert len(th.read_trace(trace)) == len(th.read_trace(trace, max_step=step)) == step * 4

@@ -17,9 +17,7 @@ Run alone: `.venv/bin/python -m pytest tests/test_train_online.py -q`.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
 import subprocess
 from pathlib import Path
 
@@ -179,23 +177,7 @@ def test_online_kill9_then_resume_on_token_only_shards_equals_uninterrupted(
     online_run, online_data, tmp_path
 ):
     cfg = _config(tmp_path, online_data, "run", train=online_data[3])
-    env = {"SPELLM_TEST_NAN_BATCHES": NAN, "SPELLM_TEST_KILL_AT_STEP": "10"}
-    killed = th.launch("torchrun", cfg, env={**env, "SPELLM_TRACE_SAMPLES": str(tmp_path / "t1")})
-    assert killed.returncode != 0
-    root = tmp_path / "run" / "checkpoints"
-    assert (root / LATEST).read_text() == tag_for(8)
-    del env["SPELLM_TEST_KILL_AT_STEP"]
-    resumed = th.launch("torchrun", cfg, env={**env, "SPELLM_TRACE_SAMPLES": str(tmp_path / "t2")})
-    _ok(resumed)
-    assert f"resumed from {root / tag_for(8)}" in resumed.stdout
-    drawn = th.read_trace(tmp_path / "t1", max_step=8) + th.read_trace(tmp_path / "t2")
-    missing, repeated = th.exactly_once(drawn, th.TRAIN_SAMPLES)
-    assert missing == [] and repeated == []
-    ref = th.checkpoint_params(online_run["dir"] / "checkpoints", tag_for(STEPS))
-    got = th.checkpoint_params(root, tag_for(STEPS))
-    assert ref.keys() == got.keys()
-    worst = max((ref[k] - got[k]).abs().max().item() for k in ref)
-    assert worst <= 1e-7, f"resumed parameters differ from the uninterrupted run by {worst}"
+    th.kill9_then_resume(cfg, tmp_path, online_run["dir"] / "checkpoints", NAN, STEPS)
 
 
 @pytest.mark.dist
@@ -226,23 +208,11 @@ def test_online_sigusr1_saves_complete_checkpoint_and_exits_75(online_data, tmp_
         tmp_path, online_data, "run", train=online_data[3], checkpoint={"interval": 100, "keep_latest_k": 2}
     )
     trace = tmp_path / "trace"
-    proc, log = th.start(
-        "mpirun", cfg, env={"SPELLM_TRACE_SAMPLES": str(trace), "SPELLM_TEST_STEP_SLEEP": "0.5"}
-    )
-    try:
-        th.wait_for(lambda: len(th.read_trace(trace)) >= 2 * 2 * 2, 240, proc, "two training steps")
-        proc.send_signal(signal.SIGUSR1)
-        code = proc.wait(timeout=120)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    text = log.read_text()
+    code, text = th.usr1_after_two_steps(cfg, trace)
     assert code == EXIT_INTERRUPTED, text[-6000:]
     root = tmp_path / "run" / "checkpoints"
     tag = (root / LATEST).read_text()
     meta = json.loads((root / tag / META_NAME).read_text())
     assert 2 <= meta["step"] < STEPS and meta["teacher"] == "online"
-    for rank in (0, 1):
-        for kind in ("model_states", "optim_states"):
-            assert (root / tag / f"zero_pp_rank_{rank}_mp_rank_00_{kind}.pt").is_file()
+    th.assert_complete_rank_files(root / tag)
     assert len(th.read_trace(trace)) == len(th.read_trace(trace, max_step=meta["step"])) == meta["step"] * 4

@@ -259,3 +259,55 @@ def read_teacher_trace(trace_dir: Path) -> list[tuple[int, Any, Any]]:
                 if index >= 0:
                     out.append((int(index), z["topk_ids"][i], z["topk_logprobs"][i]))
     return out
+
+
+def usr1_after_two_steps(cfg: dict[str, Any], trace: Path) -> tuple[int, str]:
+    """Run `cfg` on 2 ranks under mpirun, send SIGUSR1 after two steps; return (exit code, log text).
+
+    mpirun forwards SIGUSR1 to every rank; the step sleep keeps the run alive until the signal lands."""
+    proc, log = start(
+        "mpirun", cfg, env={"SPELLM_TRACE_SAMPLES": str(trace), "SPELLM_TEST_STEP_SLEEP": "0.5"}
+    )
+    try:
+        wait_for(lambda: len(read_trace(trace)) >= 2 * 2 * 2, 240, proc, "two training steps")
+        proc.send_signal(signal.SIGUSR1)
+        code = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    return code, log.read_text()
+
+
+def assert_complete_rank_files(tag_dir: Path, ranks: int = 2) -> None:
+    """Every rank's model and optimizer state file is in the checkpoint tag directory."""
+    for rank in range(ranks):
+        for kind in ("model_states", "optim_states"):
+            assert (tag_dir / f"zero_pp_rank_{rank}_mp_rank_00_{kind}.pt").is_file(), (rank, kind)
+
+
+def kill9_then_resume(cfg: dict[str, Any], work: Path, reference: Path, nan: str, steps: int) -> Path:
+    """Kill every rank after step 10 (saves every 4 steps), resume with `resume: auto`; check the result.
+
+    Checks: `latest` still names step 8, the resumed run says so, every sample is drawn exactly once
+    over both runs, and the final parameters equal the uninterrupted run's checkpoints in `reference`.
+    Returns the run's checkpoint directory."""
+    from spellm_ds.checkpoint import LATEST, tag_for
+
+    env = {"SPELLM_TEST_NAN_BATCHES": nan, "SPELLM_TEST_KILL_AT_STEP": "10"}
+    killed = launch("torchrun", cfg, env={**env, "SPELLM_TRACE_SAMPLES": str(work / "t1")})
+    assert killed.returncode != 0
+    root = work / "run" / "checkpoints"
+    assert (root / LATEST).read_text() == tag_for(8)  # the kill came after step 10, between saves
+    del env["SPELLM_TEST_KILL_AT_STEP"]
+    resumed = launch("torchrun", cfg, env={**env, "SPELLM_TRACE_SAMPLES": str(work / "t2")})
+    assert resumed.returncode == 0, resumed.stdout[-8000:]
+    assert f"resumed from {root / tag_for(8)}" in resumed.stdout
+    drawn = read_trace(work / "t1", max_step=8) + read_trace(work / "t2")
+    missing, repeated = exactly_once(drawn, TRAIN_SAMPLES)
+    assert missing == [] and repeated == []
+    ref = checkpoint_params(reference, tag_for(steps))
+    got = checkpoint_params(root, tag_for(steps))
+    assert ref.keys() == got.keys()
+    worst = max((ref[k] - got[k]).abs().max().item() for k in ref)
+    assert worst <= 1e-7, f"resumed parameters differ from the uninterrupted run by {worst}"
+    return root
