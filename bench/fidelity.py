@@ -15,11 +15,12 @@ shards, through the real pipeline (the `spellm-ds` CLI: 2-rank ZeRO-3 `train` un
   levers); `prior-mlp-lr`: MLPs at 0.05 x the heads' rate; `recipe`: configs/demo_cpu.yaml as it is (adds
   the warm start of the heads); `paper`: the lowest-char-loss rule, one rate; `N0-warm`: heads only;
 - `N0`, `N5-lowest`, `N5-prior`, `N1-prior`: N and the selection rule with one rate and zero heads;
+- `recipe-reg1`, `recipe-reg20`: the recipe with the regulariser's weight at 1 and 20 instead of 5;
 - `recipe-online`: the recipe with the teacher computed in the training step (`teacher: online`, the
   shards' top-5 ignored); `recipe-kl_full`: the same with the `kl_full` regulariser (KL over the teacher's
   whole distribution) in place of the top-5 `kl6`: `--variants recipe recipe-online recipe-kl_full`.
 
-Columns (fractions of held-out positions; definitions in spellm_ds/evaluate.py): exact match with one of
+Columns (fractions of held-out positions; definitions in spellm_ds/metrics.py): exact match with one of
 the teacher's top-5, exact-or-prefix match (a prefix only where all k characters equal the start of a
 candidate longer than k) without and with AutoCorrect (paper: 94.89% / 97.57%), the heads' character
 accuracy against the teacher top-1's k symbols, exact match with the teacher's top-1 without fallback
@@ -72,6 +73,9 @@ VARIANTS = {
     "N1-prior": ["model.trainable_layers=1", "loss.selection=teacher_prior", *BASE_RECIPE],
     # The teacher computed in the training step (spellm_ds.teacher): the recipe with its top-5 regulariser,
     # and with the full-distribution one only the online teacher can give.
+    # The regulariser's weight (demo_cpu.yaml: 5): how much the frozen head's agreement costs the char path.
+    "recipe-reg1": ["model.trainable_layers=5", "loss.selection=teacher_prior", "loss.reg_weight=1"],
+    "recipe-reg20": ["model.trainable_layers=5", "loss.selection=teacher_prior", "loss.reg_weight=20"],
     "recipe-online": ["model.trainable_layers=5", "loss.selection=teacher_prior", "teacher=online"],
     "recipe-kl_full": [
         "model.trainable_layers=5",
