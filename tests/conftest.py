@@ -87,3 +87,19 @@ def teacher_dataset(tmp_path_factory, tiny_llama, build_inputs) -> Path:
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO_ROOT)
     assert res.returncode == 0, res.stdout + res.stderr
     return out
+
+
+@pytest.fixture(scope="session")
+def tok(tiny_llama):
+    """The tiny Llama's tokenizer."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(tiny_llama))
+
+
+@pytest.fixture(scope="session")
+def table(tok):
+    """The k=10 char table of the tiny Llama's tokenizer (every token of its vocabulary)."""
+    from spellm_ds.charset import CharTable
+
+    return CharTable.build(tok, k=10, vocab_size=len(tok))

@@ -65,16 +65,6 @@ def _batch(tok):
 
 
 @pytest.fixture(scope="module")
-def tok(tiny_llama):
-    return AutoTokenizer.from_pretrained(str(tiny_llama))
-
-
-@pytest.fixture(scope="module")
-def table(tok):
-    return CharTable.build(tok, k=10, vocab_size=len(tok))
-
-
-@pytest.fixture(scope="module")
 def exports(tiny_llama, table, tok, tmp_path_factory):
     model, _ = _student(tiny_llama, table, tok)
     root = tmp_path_factory.mktemp("exact_exports")

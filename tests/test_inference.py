@@ -16,7 +16,6 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from spellm_ds.charset import CharTable
 from spellm_ds.errors import SpellmError
 from spellm_ds.export import save_export
 from spellm_ds.inference import (
@@ -32,12 +31,6 @@ from spellm_ds.model import build_spellm_model
 from tests.export_helpers import probe_heads
 
 PROMPTS = ["The module", "In Python, a list is a", "Return"]
-
-
-@pytest.fixture(scope="module")
-def table(tiny_llama) -> CharTable:
-    tok = AutoTokenizer.from_pretrained(str(tiny_llama))
-    return CharTable.build(tok, k=10, vocab_size=len(tok))
 
 
 @pytest.fixture(scope="module")

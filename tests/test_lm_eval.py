@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 pytest.importorskip("lm_eval")
 
@@ -40,7 +40,6 @@ from lm_eval.api.instance import Instance
 from lm_eval.models.huggingface import HFLM
 from lm_eval.tasks import TaskManager
 
-from spellm_ds.charset import CharTable
 from spellm_ds.cli import main as cli_main
 from spellm_ds.errors import SpellmError
 from spellm_ds.export import save_export
@@ -57,16 +56,6 @@ PROBE_TEXT = (
     "Question: Which keyword defines a function in Python? Answer: def. The module defines a class, and "
     "the function returns the value of the list. A dictionary maps keys to values; the file is opened."
 )
-
-
-@pytest.fixture(scope="module")
-def tok(tiny_llama):
-    return AutoTokenizer.from_pretrained(str(tiny_llama))
-
-
-@pytest.fixture(scope="module")
-def table(tok):
-    return CharTable.build(tok, k=10, vocab_size=len(tok))
 
 
 @pytest.fixture(scope="module")
