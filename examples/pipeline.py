@@ -46,6 +46,7 @@ SOURCES = {
         "spellm_ds/config.py",
         "spellm_ds/schema.py",
         "spellm_ds/data.py",
+        "spellm_ds/epoch_plan.py",
         "spellm_ds/charset/*.py",
         "spellm_ds/shards.py",
         "spellm_ds/checkpoint.py",

@@ -23,14 +23,8 @@ import numpy as np
 import pytest
 import torch
 
-from spellm_ds.data import (
-    LoaderConfig,
-    ShardLoader,
-    check_tokenizer,
-    merge_states,
-    pack_bitmap,
-    unpack_bitmap,
-)
+from spellm_ds.data import LoaderConfig, ShardLoader, check_tokenizer, merge_states
+from spellm_ds.epoch_plan import pack_bitmap, unpack_bitmap
 from spellm_ds.errors import ShardError, SpellmError
 from spellm_ds.jsonio import write_json
 from spellm_ds.shards import (
