@@ -343,7 +343,8 @@ class SpeLLMModel(nn.Module):
         """Hidden state and char logits; with teacher tensors (and `set_loss` done) also loss and metrics.
 
         `online_teacher=True` computes the teacher's top-K here (the model must be built with it; given
-        teacher tensors are ignored) and returns them in the output beside the loss and metrics.
+        teacher tensors are ignored) and returns them in the output; loss and metrics follow only when
+        `loss_mask` is given (the positions to train on), as offline they follow only teacher tensors.
         """
         if online_teacher and self.teacher is None:
             raise SpellmError("online_teacher=True needs a model built with the online teacher")
@@ -365,9 +366,7 @@ class SpeLLMModel(nn.Module):
             layer_input = recorded[0] if recorded else hidden
             topk_ids, topk_logprobs, teacher_hidden = self.teacher(layer_input, hidden, attention_mask, chunk)
             result.teacher_topk_ids, result.teacher_topk_logprobs = topk_ids, topk_logprobs
-            if loss_mask is None and attention_mask is not None:
-                loss_mask = attention_mask.bool()
-            if self.loss_cfg is None:
+            if loss_mask is None:  # no positions to train on (e.g. the warm start wants labels only)
                 return result
         if topk_ids is None:
             return result
