@@ -59,12 +59,10 @@ from spellm_ds.export_format import (
     PAPER_THRESHOLD,
     SPELLM_CONFIG,
     SafetensorsWriter,
-    model_files,
     nbytes,
     read_json,
     read_tensor,
-    tensor_files,
-    tensor_shapes,
+    tensor_index,
     weight_file_names,
     write_hf_config,
     write_spellm_config,
@@ -344,7 +342,7 @@ def export_checkpoint(
             f"{table.k}·{table.charset.size}"
         )
     from_base = not ck.has_frozen_fragments
-    base_files = tensor_files(base_dir) if (from_base or delta or original_mlps) else {}
+    base_files = tensor_index(base_dir) if (from_base or delta or original_mlps) else {}
     if delta or original_mlps:
         missing = [_hf_name(n, ck.path) for n in trained if _hf_name(n, ck.path) not in base_files]
         if missing:
@@ -367,12 +365,12 @@ def export_checkpoint(
             return buffers[hf_name]
         name = source[hf_name]
         if name in ck.frozen and from_base:
-            return read_tensor(base_files[hf_name], hf_name)
+            return read_tensor(base_files[hf_name][0], hf_name)
         return ck.tensor(name)
 
     originals = [(_hf_name(n, ck.path), tuple(ck.trainable[n]), out_dtype) for n in trained]
     if original_mlps and not delta:
-        _check_original_shapes(base_dir, originals)
+        _check_original_shapes(base_dir, base_files, originals)
 
     out = Path(output)
     _prepare_output(out, overwrite, rank, world)
@@ -400,7 +398,7 @@ def export_checkpoint(
         trust_remote_code=trust_remote_code,
         original_mlps=original_mlps,
         originals=originals,
-        fetch_original=lambda hf_name: read_tensor(base_files[hf_name], hf_name),
+        fetch_original=lambda hf_name: read_tensor(base_files[hf_name][0], hf_name),
     )
     return _write_export(plan, rank, world, progress)
 
@@ -443,13 +441,13 @@ def save_export(
         entries += [(n, tuple(b.shape), b.dtype) for n, b in buffers.items()]
     tensors = {**params, **buffers}
     originals = [(n, tuple(params[n].shape), out_dtype) for n in trained]
-    base_files: dict[str, Path] = {}
+    base_files: dict[str, tuple[Path, tuple[int, ...]]] = {}
     if original_mlps and not delta:
-        base_files = tensor_files(base_dir)
+        base_files = tensor_index(base_dir)
         missing = [n for n in trained if n not in base_files]
         if missing:
             raise SpellmError(f"base model {base_dir} has no tensors {missing[:5]}: not this model's base")
-        _check_original_shapes(base_dir, originals)
+        _check_original_shapes(base_dir, base_files, originals)
     out = Path(output)
     _prepare_output(out, overwrite, 0, 1)
     plan = _Plan(
@@ -468,14 +466,18 @@ def save_export(
         max_shard_bytes=max_shard_bytes,
         original_mlps=original_mlps,
         originals=originals,
-        fetch_original=lambda name: read_tensor(base_files[name], name),
+        fetch_original=lambda name: read_tensor(base_files[name][0], name),
     )
     return _write_export(plan, progress=False)
 
 
-def _check_original_shapes(base_dir: Path, originals: list[tuple[str, tuple[int, ...], torch.dtype]]) -> None:
+def _check_original_shapes(
+    base_dir: Path,
+    base_files: dict[str, tuple[Path, tuple[int, ...]]],
+    originals: list[tuple[str, tuple[int, ...], torch.dtype]],
+) -> None:
     """Refuse a base model whose tensors for the trained names have other shapes than the trained ones."""
-    shapes = tensor_shapes(model_files(base_dir))
+    shapes = {name: shape for name, (_, shape) in base_files.items()}
     bad = [f"{n} {shape} vs base {shapes.get(n)}" for n, shape, _ in originals if shapes.get(n) != shape]
     if bad:
         raise SpellmError(f"base model {base_dir} does not fit the trained tensors: " + "; ".join(bad[:5]))

@@ -166,9 +166,13 @@ def tensor_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
     return {name: shape for f in files for name, (_dtype, shape) in read_safetensors_header(f).items()}
 
 
-def tensor_files(model_dir: str | os.PathLike) -> dict[str, Path]:
-    """HF tensor name → the safetensors file of a model directory that holds it."""
-    return {name: f for f in model_files(model_dir) for name in read_safetensors_header(f)}
+def tensor_index(model_dir: str | os.PathLike) -> dict[str, tuple[Path, tuple[int, ...]]]:
+    """HF tensor name → (the safetensors file of a model directory that holds it, its shape)."""
+    return {
+        name: (f, shape)
+        for f in model_files(model_dir)
+        for name, (_, shape) in read_safetensors_header(f).items()
+    }
 
 
 def read_tensor(path: Path, name: str) -> Tensor:
