@@ -188,11 +188,12 @@ def load_safetensors(path: str | os.PathLike) -> dict[str, Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    read_safetensors_header(path)
-    try:
+    if not Path(path).is_file():
+        raise SpellmError(f"{path}: file does not exist")
+    try:  # the package checks the header and that the data covers the file exactly
         return load_file(str(path))
     except (SafetensorError, OSError) as exc:
-        raise SpellmError(f"{path}: cannot read ({exc})") from None
+        raise SpellmError(f"{path}: truncated or corrupt safetensors file ({exc})") from None
 
 
 def nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
