@@ -34,7 +34,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from examples.demo import DemoConfig, _shards_stage, teacher_stage  # noqa: E402
+from examples.demo import DemoConfig, shards_stage, teacher_stage  # noqa: E402
 from examples.pipeline import (  # noqa: E402
     StageRunner,
     run_streaming,
@@ -196,9 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             teacher, info, train_in, held_in = teacher_stage(runner, cfg, out)
             key = info.get("cache_key") or "user"
-            held = _shards_stage(
-                runner, cfg, f"shards-heldout{cfg.shards_tag}", teacher, key, held_in, held_n
-            )
+            held = shards_stage(runner, cfg, f"shards-heldout{cfg.shards_tag}", teacher, key, held_in, held_n)
         rows = [run_mode("offline", teacher, train_in, held, cfg, root, ["teacher=offline"], False, cfg.echo)]
         for reg in regs:
             name = "online" if reg == "kl6" else f"online-{reg}"

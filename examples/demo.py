@@ -179,7 +179,7 @@ def _teacher_metrics(teacher: Path) -> dict[str, Any]:
     return {"throughput": meta["tokens_per_s"], "unit": "train tok/s", "heldout_ppl": meta["heldout_ppl"]}
 
 
-def _shards_stage(
+def shards_stage(
     runner: StageRunner,
     cfg: DemoConfig,
     name: str,
@@ -425,10 +425,10 @@ def shards_stages(
     """Build (or reuse) the train and held-out teacher shards."""
     key = teacher_info.get("cache_key") or _dir_key(teacher)
     return {
-        "train": _shards_stage(
+        "train": shards_stage(
             runner, cfg, f"shards-train{cfg.shards_tag}", teacher, key, train_in, cfg.train_samples
         ),
-        "heldout": _shards_stage(
+        "heldout": shards_stage(
             runner, cfg, f"shards-heldout{cfg.shards_tag}", teacher, key, held_in, cfg.heldout_samples
         ),
     }
