@@ -187,8 +187,9 @@ def shards_stage(
     teacher_key: str,
     inputs: list[str],
     n: int,
+    no_teacher: bool = False,
 ) -> Path:
-    """Build (or reuse) one teacher-shard dataset of at most `n` sequences."""
+    """Build (or reuse) one shard dataset of at most `n` sequences (token-only with `no_teacher`)."""
     output = Path(cfg.out) / "shards" / name.split("-", 1)[1]  # shards-train-small -> shards/train-small
     args = [
         "build-shards",
@@ -206,6 +207,7 @@ def shards_stage(
         str(cfg.build_batch),
         "--max-samples",
         str(n),
+        *(["--no-teacher"] if no_teacher else []),
     ]
     sizes = [[p, Path(p).stat().st_size] for p in inputs if Path(p).is_file()]
 
@@ -421,12 +423,20 @@ def shards_stages(
     teacher_info: dict[str, Any],
     train_in: list[str],
     held_in: list[str],
+    train_no_teacher: bool = False,
 ) -> dict[str, Path]:
-    """Build (or reuse) the train and held-out teacher shards."""
+    """Build (or reuse) the train and held-out shards (the train ones token-only for online runs)."""
     key = teacher_info.get("cache_key") or _dir_key(teacher)
     return {
         "train": shards_stage(
-            runner, cfg, f"shards-train{cfg.shards_tag}", teacher, key, train_in, cfg.train_samples
+            runner,
+            cfg,
+            f"shards-train{cfg.shards_tag}",
+            teacher,
+            key,
+            train_in,
+            cfg.train_samples,
+            no_teacher=train_no_teacher,
         ),
         "heldout": shards_stage(
             runner, cfg, f"shards-heldout{cfg.shards_tag}", teacher, key, held_in, cfg.heldout_samples

@@ -1,0 +1,61 @@
+"""Pure helpers of the fidelity benchmark (`bench/fidelity.py`): reading the budget a target needs off a
+metric-vs-tokens curve, measured where the curve reaches it and extrapolated (log-linearly) where not.
+
+Run alone: `.venv/bin/python -m pytest tests/test_bench_fidelity.py -q`
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+_PATH = Path(__file__).resolve().parents[1] / "bench" / "fidelity.py"
+_SPEC = importlib.util.spec_from_file_location("bench_fidelity", _PATH)
+fidelity = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(fidelity)
+
+KEY = "exact_or_prefix_top5"
+
+
+def _curve(points: list[tuple[int, float]]) -> list[dict]:
+    return [{"tokens": t, KEY: v} for t, v in points]
+
+
+def test_measured_where_the_curve_reaches_the_target():
+    got = fidelity.tokens_to_reach(_curve([(100, 0.5), (200, 0.91), (400, 0.95)]), KEY, 0.9)
+    assert got == {"tokens": 200, "how": "measured"}  # the first point at or above it
+
+
+def test_extrapolated_by_hand():
+    # 0.5, 0.6, 0.7 at 2^10, 2^11, 2^12 tokens: +0.1 per doubling, so 0.9 is two doublings past 2^12.
+    got = fidelity.tokens_to_reach(_curve([(1024, 0.5), (2048, 0.6), (4096, 0.7)]), KEY, 0.9)
+    assert got["tokens"] == pytest.approx(2**14)
+    assert got["per_doubling"] == pytest.approx(0.1)
+    assert got["how"].startswith("extrapolated")
+
+
+def test_extrapolation_uses_only_the_last_points():
+    # The first point (a fast start) is left out: the last three rise 0.02 per doubling from 0.70 at 2^12.
+    pts = [(512, 0.1), (1024, 0.66), (2048, 0.68), (4096, 0.70)]
+    got = fidelity.tokens_to_reach(_curve(pts), KEY, 0.8)
+    assert got["per_doubling"] == pytest.approx(0.02)
+    assert got["tokens"] == pytest.approx(2.0 ** (12 + 0.1 / 0.02))
+
+
+def test_flat_or_short_curves_give_no_budget():
+    flat = fidelity.tokens_to_reach(_curve([(1, 0.7), (2, 0.7), (4, 0.69)]), KEY, 0.9)
+    assert flat["tokens"] is None and "not rising" in flat["how"]
+    short = fidelity.tokens_to_reach(_curve([(1, 0.7)]), KEY, 0.9)
+    assert short["tokens"] is None and "too few" in short["how"]
+    missing = fidelity.tokens_to_reach([{"tokens": 1}, {"tokens": 2, KEY: None}], KEY, 0.9)
+    assert missing["tokens"] is None
+
+
+def test_budget_table_has_one_row_per_target():
+    curve = [{"tokens": t, KEY: v, f"{KEY}_autocorrect": v + 0.05} for t, v in [(1024, 0.5), (2048, 0.6)]]
+    rows = fidelity.budget_table(curve)
+    assert [(r["key"], r["target"]) for r in rows] == list(fidelity.TARGETS)
+    # The AutoCorrect figure is 0.05 higher on the same slope: 0.976 is (0.976 - 0.65) / 0.1 doublings on.
+    assert rows[2]["tokens"] == pytest.approx(2.0 ** (11 + (0.976 - 0.65) / 0.1))
