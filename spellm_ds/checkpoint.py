@@ -50,7 +50,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from spellm_ds.errors import SpellmError
+from spellm_ds.errors import EveryRankError, SpellmError
 from spellm_ds.jsonio import read_json, write_json, write_text
 
 LATEST = "latest"
@@ -161,7 +161,7 @@ def check_writable_everywhere(directory: Path, rank: int) -> None:
     dist.all_gather_object(problems, problem)
     bad = [p for p in problems if p]
     if bad:
-        raise SpellmError(
+        raise EveryRankError(
             f"checkpoint directory {directory} is not writable from every rank ({'; '.join(bad)}); "
             "checkpoint.dir must be one shared path that every node can write"
         )

@@ -7,3 +7,7 @@ class SpellmError(ValueError):
 
 class ShardError(SpellmError):
     """A shard or sample is malformed; the message names the shard and the sample key."""
+
+
+class EveryRankError(SpellmError):
+    """A user error found by a collective check, so raised on every rank at once."""

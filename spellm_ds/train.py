@@ -74,7 +74,7 @@ from spellm_ds import checkpoint as ckpt
 from spellm_ds import dist as dist_env
 from spellm_ds import monitor
 from spellm_ds.config import Preflight, TrainConfig, fill_ds_config, preflight
-from spellm_ds.errors import SpellmError
+from spellm_ds.errors import EveryRankError, SpellmError
 from spellm_ds.log import ALL_RANKS, get_logger
 
 _LOG = get_logger("train")
@@ -214,8 +214,9 @@ def train(cfg: TrainConfig) -> int:
         pre = preflight(cfg, info.world_size)  # bad input stops here, before any process group
         resume = _resume_target(cfg)
         run = _setup(cfg, pre, info, resume)
-    except BaseException:
+    except BaseException as exc:
         stop.restore()
+        _leave_process_group(clean=isinstance(exc, EveryRankError))
         raise
     clean = False
     try:
@@ -366,12 +367,21 @@ def _make_loader(
 
 def _teardown(run: Run, clean: bool) -> None:
     """Close files; after a clean end wait for every rank, then leave the process group."""
-    import torch.distributed as dist
-
     if run.trace is not None:
         run.trace.close()
     if run.writer is not None:
         run.writer.close()
+    _leave_process_group(clean)
+
+
+def _leave_process_group(clean: bool) -> None:
+    """Leave the process group if one was joined; after a clean end wait for every rank first.
+
+    Leaving explicitly matters on errors too: a group still alive at interpreter exit has aborted a rank
+    (SIGABRT, exit 134) instead of letting it exit with the error's code 2.
+    """
+    import torch.distributed as dist
+
     if dist.is_initialized():
         if clean:  # after an error on one rank the others may sit in a collective: do not wait for them
             dist.barrier()
