@@ -5,7 +5,8 @@
     .venv/bin/python bench/fidelity.py --budget demo --variants prior prior-mlp-lr recipe
                                                          # the demo's budget: 80 steps x 2,048 tokens each
     .venv/bin/python bench/fidelity.py --steps 640 --curve 4   # any budget, metrics at 4 points on the way
-    .venv/bin/python bench/fidelity.py --steps 320 --curve 4 --variants recipe-online   # no teacher pass
+    .venv/bin/python bench/fidelity.py --steps 240 --heldout-samples 64 --curve 3 --variants recipe-online
+                                                         # a curve without a teacher pass over its data
     .venv/bin/python bench/fidelity.py --teacher toy ...       # the self-trained demo teacher
 
 Students distilled from the same teacher (default: SmolLM2-135M, `data_prep/real_teacher.py`) on the same
@@ -17,7 +18,9 @@ shards, through the real pipeline (the `spellm-ds` CLI: 2-rank ZeRO-3 `train` un
   the warm start of the heads); `paper`: the lowest-char-loss rule, one rate; `N0-warm`: heads only;
 - `N0`, `N5-lowest`, `N5-prior`, `N1-prior`: N and the selection rule with one rate and zero heads;
 - `recipe-reg1`, `recipe-reg20`: the recipe with the regulariser's weight at 1 and 20 instead of 5;
-- `recipe-mlp5e-4`, `recipe-mlp2e-3`: the recipe with the MLPs at 0.25 and 1 x the heads' rate;
+- `recipe-mlp1e-4`, `recipe-mlp5e-4`, `recipe-mlp2e-3`: the recipe with the MLPs at 0.05, 0.25 and 1 x the
+  heads' 2e-3 (the recipe's own value is 1); `recipe-mlp2e-3-reg20`, `recipe-mlp5e-3-reg20`: MLPs at 1 and
+  2.5 x with the regulariser's weight at 20;
   `recipe-lowest`: the recipe with the lowest-char-loss rule;
 - `recipe-online`: the recipe with the teacher computed in the training step (`teacher: online`, the
   shards' top-5 ignored); `recipe-kl_full`: the same with the `kl_full` regulariser (KL over the teacher's
@@ -70,7 +73,12 @@ VARIANTS = {
     # The recipe levers, measured on the same teacher, shards and budget:
     "paper": ["model.trainable_layers=5", "loss.selection=lowest", *BASE_RECIPE],
     "prior": ["model.trainable_layers=5", "loss.selection=teacher_prior", *BASE_RECIPE],
-    "prior-mlp-lr": ["model.trainable_layers=5", "loss.selection=teacher_prior", "warm_start.positions=0"],
+    "prior-mlp-lr": [
+        "model.trainable_layers=5",
+        "loss.selection=teacher_prior",
+        "warm_start.positions=0",
+        "optim.mlp_lr_scale=0.05",
+    ],
     "recipe": ["model.trainable_layers=5", "loss.selection=teacher_prior"],  # demo_cpu.yaml as it is
     "N0-warm": ["model.trainable_layers=0", "loss.selection=teacher_prior"],
     # The earlier comparison (N and the selection rule, one learning rate, zero heads):
@@ -84,9 +92,28 @@ VARIANTS = {
     "recipe-reg1": ["model.trainable_layers=5", "loss.selection=teacher_prior", "loss.reg_weight=1"],
     "recipe-reg20": ["model.trainable_layers=5", "loss.selection=teacher_prior", "loss.reg_weight=20"],
     # The MLPs' rate (demo_cpu.yaml: 0.05 x the heads' 2e-3) and the rule, once the heads are warm-started:
+    "recipe-mlp1e-4": ["model.trainable_layers=5", "loss.selection=teacher_prior", "optim.mlp_lr_scale=0.05"],
     "recipe-mlp5e-4": ["model.trainable_layers=5", "loss.selection=teacher_prior", "optim.mlp_lr_scale=0.25"],
     "recipe-mlp2e-3": ["model.trainable_layers=5", "loss.selection=teacher_prior", "optim.mlp_lr_scale=1.0"],
     "recipe-lowest": ["model.trainable_layers=5", "loss.selection=lowest"],
+    "recipe-mlp5e-4-reg20": [
+        "model.trainable_layers=5",
+        "loss.selection=teacher_prior",
+        "optim.mlp_lr_scale=0.25",
+        "loss.reg_weight=20",
+    ],
+    "recipe-mlp2e-3-reg20": [
+        "model.trainable_layers=5",
+        "loss.selection=teacher_prior",
+        "optim.mlp_lr_scale=1.0",
+        "loss.reg_weight=20",
+    ],
+    "recipe-mlp5e-3-reg20": [
+        "model.trainable_layers=5",
+        "loss.selection=teacher_prior",
+        "optim.mlp_lr_scale=2.5",
+        "loss.reg_weight=20",
+    ],
     "recipe-online": ["model.trainable_layers=5", "loss.selection=teacher_prior", "teacher=online"],
     "recipe-kl_full": [
         "model.trainable_layers=5",
