@@ -86,12 +86,10 @@ VARIANTS = {
     "N5-lowest": ["model.trainable_layers=5", "loss.selection=lowest", *BASE_RECIPE],
     "N5-prior": ["model.trainable_layers=5", "loss.selection=teacher_prior", *BASE_RECIPE],
     "N1-prior": ["model.trainable_layers=1", "loss.selection=teacher_prior", *BASE_RECIPE],
-    # The teacher computed in the training step (spellm_ds.teacher): the recipe with its top-5 regulariser,
-    # and with the full-distribution one only the online teacher can give.
     # The regulariser's weight (demo_cpu.yaml: 5): how much the frozen head's agreement costs the char path.
     "recipe-reg1": ["model.trainable_layers=5", "loss.selection=teacher_prior", "loss.reg_weight=1"],
     "recipe-reg20": ["model.trainable_layers=5", "loss.selection=teacher_prior", "loss.reg_weight=20"],
-    # The MLPs' rate (demo_cpu.yaml: 0.05 x the heads' 2e-3) and the rule, once the heads are warm-started:
+    # The MLPs' rate (demo_cpu.yaml: 1.0 x the heads' 2e-3) and the rule, once the heads are warm-started:
     "recipe-mlp1e-4": ["model.trainable_layers=5", "loss.selection=teacher_prior", "optim.mlp_lr_scale=0.05"],
     "recipe-mlp5e-4": ["model.trainable_layers=5", "loss.selection=teacher_prior", "optim.mlp_lr_scale=0.25"],
     "recipe-mlp2e-3": ["model.trainable_layers=5", "loss.selection=teacher_prior", "optim.mlp_lr_scale=1.0"],
@@ -114,6 +112,16 @@ VARIANTS = {
         "optim.mlp_lr_scale=2.5",
         "loss.reg_weight=20",
     ],
+    # The heads' rate (MLPs kept at 2e-3) and the depth trained (demo_cpu.yaml: 2e-3, the last 5 layers):
+    "recipe-heads5e-3": [
+        "model.trainable_layers=5",
+        "loss.selection=teacher_prior",
+        "optim.lr=0.005",
+        "optim.mlp_lr_scale=0.4",
+    ],
+    "recipe-N10": ["model.trainable_layers=10", "loss.selection=teacher_prior"],
+    # The teacher computed in the training step (spellm_ds.teacher): the recipe with its top-5 regulariser,
+    # and with the full-distribution one only the online teacher can give.
     "recipe-online": ["model.trainable_layers=5", "loss.selection=teacher_prior", "teacher=online"],
     "recipe-kl_full": [
         "model.trainable_layers=5",
