@@ -126,6 +126,7 @@ def _main(model_dir: str, out: str, steps: int) -> None:
         }
         (Path(out) / tag / "spellm_meta.json").write_text(json.dumps(meta), encoding="utf-8")
     torch.distributed.barrier()
+    torch.distributed.destroy_process_group()  # a gloo group left to interpreter exit can abort a rank
 
 
 if __name__ == "__main__":

@@ -303,6 +303,7 @@ def _zero3_worker(model_dir: str, out_file: str) -> None:
             {"losses": [float(x) for x in losses_], "grads": grads, "partitioned": partitioned}, out_file
         )
     dist.barrier()
+    dist.destroy_process_group()  # a gloo group left to interpreter exit can abort a rank
 
 
 if __name__ == "__main__":
