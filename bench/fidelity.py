@@ -17,11 +17,11 @@ shards, through the real pipeline (the `spellm-ds` CLI: 2-rank ZeRO-3 `train` un
   levers); `prior-mlp-lr`: MLPs at 0.05 x the heads' rate; `recipe`: configs/demo_cpu.yaml as it is (adds
   the warm start of the heads); `paper`: the lowest-char-loss rule, one rate; `N0-warm`: heads only;
 - `N0`, `N5-lowest`, `N5-prior`, `N1-prior`: N and the selection rule with one rate and zero heads;
-- `recipe-reg1`, `recipe-reg20`: the recipe with the regulariser's weight at 1 and 20 instead of 5;
 - `recipe-mlp1e-4`, `recipe-mlp5e-4`, `recipe-mlp2e-3`: the recipe with the MLPs at 0.05, 0.25 and 1 x the
-  heads' 2e-3 (the recipe's own value is 1); `recipe-mlp2e-3-reg20`, `recipe-mlp5e-3-reg20`: MLPs at 1 and
-  2.5 x with the regulariser's weight at 20; `recipe-heads5e-3`: heads at 5e-3, MLPs at 2e-3;
-  `recipe-N10`: the MLPs of the last 10 layers trained; `recipe-lowest`: the lowest-char-loss rule;
+  heads' 2e-3 (the recipe's own value is 1); `recipe-mlp1e-4-reg1`, `recipe-mlp1e-4-reg20`,
+  `recipe-mlp2e-3-reg20`, `recipe-mlp5e-3-reg20`: an MLP rate with the regulariser's weight at 1 or 20
+  instead of 5; `recipe-mlp1e-4-lowest`: MLPs at 1e-4 with the lowest-char-loss rule;
+  `recipe-heads5e-3`: heads at 5e-3, MLPs at 2e-3; `recipe-N10`: the MLPs of the last 10 layers trained;
 - `recipe-online`: the recipe with the teacher computed in the training step (`teacher: online`, the
   shards' top-5 ignored); `recipe-kl_full`: the same with the `kl_full` regulariser (KL over the teacher's
   whole distribution) in place of the top-5 `kl6`: `--variants recipe recipe-online recipe-kl_full`.
@@ -70,27 +70,27 @@ from spellm_ds.errors import SpellmError  # noqa: E402
 # Variants as run-config overrides on top of configs/demo_cpu.yaml (whose own settings are the recipe).
 BASE_RECIPE = ["optim.mlp_lr_scale=1.0", "warm_start.positions=0"]  # one rate, heads start at zero
 RECIPE = ["model.trainable_layers=5", "loss.selection=teacher_prior"]  # demo_cpu.yaml as it is
+MLP_1E4 = "optim.mlp_lr_scale=0.05"  # the MLPs at 1e-4, the demo's rate before it became the heads' rate
 VARIANTS = {
     # The recipe levers, measured on the same teacher, shards and budget:
     "paper": ["model.trainable_layers=5", "loss.selection=lowest", *BASE_RECIPE],
     "prior": [*RECIPE, *BASE_RECIPE],
-    "prior-mlp-lr": [*RECIPE, "warm_start.positions=0", "optim.mlp_lr_scale=0.05"],
-    "recipe": RECIPE,
+    "prior-mlp-lr": [*RECIPE, "warm_start.positions=0", MLP_1E4],
+    "recipe": [*RECIPE],
     "N0-warm": ["model.trainable_layers=0", "loss.selection=teacher_prior"],
     # The earlier comparison (N and the selection rule, one learning rate, zero heads):
     "N0": ["model.trainable_layers=0", "loss.selection=lowest", *BASE_RECIPE],
     "N5-lowest": ["model.trainable_layers=5", "loss.selection=lowest", *BASE_RECIPE],
     "N5-prior": [*RECIPE, *BASE_RECIPE],
     "N1-prior": ["model.trainable_layers=1", "loss.selection=teacher_prior", *BASE_RECIPE],
-    # The regulariser's weight (demo_cpu.yaml: 5): how much the frozen head's agreement costs the char path.
-    "recipe-reg1": [*RECIPE, "loss.reg_weight=1"],
-    "recipe-reg20": [*RECIPE, "loss.reg_weight=20"],
-    # The MLPs' rate (demo_cpu.yaml: 1.0 x the heads' 2e-3) and the rule, once the heads are warm-started:
-    "recipe-mlp1e-4": [*RECIPE, "optim.mlp_lr_scale=0.05"],
+    # The MLPs' rate (demo_cpu.yaml: 1.0 x the heads' 2e-3), with the regulariser's weight (demo_cpu.yaml: 5)
+    # and the selection rule beside the old rate of 1e-4, as those were measured:
+    "recipe-mlp1e-4": [*RECIPE, MLP_1E4],
+    "recipe-mlp1e-4-reg1": [*RECIPE, MLP_1E4, "loss.reg_weight=1"],
+    "recipe-mlp1e-4-reg20": [*RECIPE, MLP_1E4, "loss.reg_weight=20"],
+    "recipe-mlp1e-4-lowest": ["model.trainable_layers=5", "loss.selection=lowest", MLP_1E4],
     "recipe-mlp5e-4": [*RECIPE, "optim.mlp_lr_scale=0.25"],
     "recipe-mlp2e-3": [*RECIPE, "optim.mlp_lr_scale=1.0"],
-    "recipe-lowest": ["model.trainable_layers=5", "loss.selection=lowest"],
-    "recipe-mlp5e-4-reg20": [*RECIPE, "optim.mlp_lr_scale=0.25", "loss.reg_weight=20"],
     "recipe-mlp2e-3-reg20": [*RECIPE, "optim.mlp_lr_scale=1.0", "loss.reg_weight=20"],
     "recipe-mlp5e-3-reg20": [*RECIPE, "optim.mlp_lr_scale=2.5", "loss.reg_weight=20"],
     # The heads' rate (MLPs kept at 2e-3) and the depth trained (demo_cpu.yaml: 2e-3, the last 5 layers):
