@@ -34,9 +34,16 @@ from spellm_ds.metrics import match_flags, summarize
 
 @torch.inference_mode()
 def position_cases(
-    model: Any, input_ids: Tensor, topk_ids: Tensor, loss_mask: Tensor, lm_chunk: int = 512
+    model: Any,
+    input_ids: Tensor,
+    topk_ids: Tensor,
+    loss_mask: Tensor,
+    lm_chunk: int = 512,
+    topk_logprobs: Tensor | None = None,
 ) -> dict[str, np.ndarray]:
-    """Run the model on one batch and return per-position arrays for the masked-in positions."""
+    """Run the model on one batch and return per-position arrays for the masked-in positions.
+
+    With the teacher's `topk_logprobs` the cases also carry its top-1 probability."""
     from spellm_ds.inference import canonical_chars, mean_head_entropy
 
     dec = model.decoder
@@ -101,6 +108,8 @@ def position_cases(
         "head_valid": head_valid,
         "top1_length": top1_len,
     }
+    if topk_logprobs is not None:
+        res["teacher_top1_prob"] = topk_logprobs[mask][:, 0].double().exp()
     return {key: t.cpu().numpy() for key, t in res.items()}
 
 
@@ -184,7 +193,8 @@ def evaluate(
             mask = _stack(batch, "loss_mask", torch.bool).to(model.device)
         else:
             mask = torch.ones(ids.shape, dtype=torch.bool, device=model.device)
-        for key, arr in position_cases(model, ids, topk, mask).items():
+        lps = _stack(batch, "topk_logprobs", torch.float32).to(model.device)
+        for key, arr in position_cases(model, ids, topk, mask, topk_logprobs=lps).items():
             parts.setdefault(key, []).append(arr)
         bar.update(len(batch))
     bar.close()

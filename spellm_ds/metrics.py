@@ -42,8 +42,11 @@ teacher's top-5 for token t+1 (index 0 is the teacher's top-1; shards store them
   teacher top-1" (ties count one half; the Mann-Whitney statistic); `..._top5` likewise for "not exact or
   prefix of any top-5".
 - `by_length`: by the spelled length of the teacher's top-1 (1..k, `>k` truncated, `unk` unspellable),
-  with count, share, `exact_top1` and `exact_or_prefix_top5` (with AutoCorrect) and `char_acc`;
-  `by_entropy`: by bins of H, with count, share and the two token-level figures.
+  with count, share, `exact_top1` and `exact_or_prefix_top5` (with AutoCorrect),
+  `exact_or_prefix_top5_strict` (without) and `char_acc`; `by_entropy`: by bins of H, with count, share
+  and the three token-level figures; `by_teacher_confidence` (when the cases carry the teacher's top-1
+  probability): by bins of that probability, with the same figures and `share_of_strict_misses`, the
+  bin's part of all positions whose strict top-5 match fails.
 """
 
 from __future__ import annotations
@@ -59,6 +62,7 @@ from spellm_ds.errors import SpellmError
 from spellm_ds.losses import string_matches
 
 DEFAULT_ENTROPY_BINS = (0.0, 0.01, 0.02, 0.05, 0.1, 0.22, 0.5, 1.0, 2.0, math.inf)
+DEFAULT_CONFIDENCE_BINS = (0.0, 0.2, 0.4, 0.6, 0.8, 0.95, 1.0)  # the teacher's top-1 probability
 JSON_KEYS = (
     "exact_top1",
     "exact_top5",
@@ -208,6 +212,16 @@ def _bucket_stats(
     return out
 
 
+def _bins(values: np.ndarray, edges_in: tuple[float, ...], closed_last: bool) -> tuple[np.ndarray, list[str]]:
+    """Bin index per value (values past either end go to the end bins) and the bins' labels."""
+    edges = np.asarray(edges_in, dtype=np.float64)
+    keys = np.clip(np.searchsorted(edges, values, side="right") - 1, 0, len(edges) - 2)
+    labels = [f"[{edges[i]:g},{edges[i + 1]:g})" for i in range(len(edges) - 1)]
+    if closed_last:
+        labels[-1] = labels[-1][:-1] + "]"
+    return keys, labels
+
+
 def summarize(
     cases: dict[str, np.ndarray],
     *,
@@ -215,6 +229,7 @@ def summarize(
     num_chars: int,
     target: float = 0.99,
     entropy_bins: tuple[float, ...] = DEFAULT_ENTROPY_BINS,
+    confidence_bins: tuple[float, ...] = DEFAULT_CONFIDENCE_BINS,
     fallback: str = "approximate",
 ) -> dict[str, Any]:
     """All metrics from per-position arrays (the keys `position_cases` returns).
@@ -276,6 +291,7 @@ def summarize(
     flags = {
         "exact_top1": cases["exact_top1_autocorrect"],
         "exact_or_prefix_top5": cases["exact_or_prefix_top5_autocorrect"],
+        "exact_or_prefix_top5_strict": cases["exact_or_prefix_top5"],
     }
     length = cases["top1_length"]
     len_key = np.where(length < 0, k + 1, np.minimum(length, k + 1) - 1)  # 0..k-1, k = ">k", k+1 = unk
@@ -285,10 +301,16 @@ def summarize(
     for i, name in enumerate(len_labels):
         sel = (len_key == i) & hv
         res["by_length"][name]["char_acc"] = float(pos_char[sel].mean()) if sel.any() else None
-    edges = np.asarray(entropy_bins, dtype=np.float64)
-    ent_key = np.clip(np.searchsorted(edges, cases["entropy"], side="right") - 1, 0, len(edges) - 2)
-    ent_labels = [f"[{edges[i]:g},{edges[i + 1]:g})" for i in range(len(edges) - 1)]
+    ent_key, ent_labels = _bins(cases["entropy"], entropy_bins, closed_last=False)
     res["by_entropy"] = _bucket_stats(ent_key, ent_labels, flags)
+    p1 = cases.get("teacher_top1_prob")
+    if p1 is not None:
+        conf_key, conf_labels = _bins(p1, confidence_bins, closed_last=True)
+        res["by_teacher_confidence"] = _bucket_stats(conf_key, conf_labels, flags)
+        missed = ~cases["exact_or_prefix_top5"].astype(bool)
+        for i, name in enumerate(conf_labels):
+            share = float(missed[conf_key == i].sum() / missed.sum()) if missed.any() else None
+            res["by_teacher_confidence"][name]["share_of_strict_misses"] = share
     grid = default_threshold_grid(num_chars)
     agree, rate = curve_at(cases["entropy"], char_ok, fb_ok, grid)
     res["curve"] = {

@@ -193,6 +193,20 @@ def test_summarize_buckets_by_hand():
     # entropy bins [0,0.01) holds 2, [0.22,0.5) holds 2, [2,inf) holds 1
     assert res["by_entropy"]["[0,0.01)"]["count"] == 2 and res["by_entropy"]["[0.22,0.5)"]["count"] == 2
     assert res["by_entropy"]["[2,inf)"]["exact_top1"] == 0.0
+    assert res["by_entropy"]["[0.22,0.5)"]["exact_or_prefix_top5_strict"] == pytest.approx(0.5)
+    assert "by_teacher_confidence" not in res  # no teacher probabilities in these cases
+    # by the teacher's top-1 probability: [0,0.2) → pos 0, 4; [0.4,0.6) → pos 2 (the one strict miss);
+    # [0.95,1] → pos 1 and pos 3 (probability 1 sits in the closed last bin)
+    cases["teacher_top1_prob"] = np.array([0.1, 0.97, 0.5, 1.0, 0.15])
+    conf = summarize(cases, k=k, num_chars=10, target=0.99)["by_teacher_confidence"]
+    assert [c["count"] for c in conf.values()] == [2, 0, 1, 0, 0, 2]
+    assert list(conf)[-1] == "[0.95,1]"
+    assert conf["[0,0.2)"]["exact_top1"] == pytest.approx(0.5)
+    assert conf["[0,0.2)"]["exact_or_prefix_top5_strict"] == pytest.approx(1.0)
+    assert conf["[0.4,0.6)"]["exact_or_prefix_top5_strict"] == pytest.approx(0.0)
+    assert conf["[0.4,0.6)"]["share_of_strict_misses"] == pytest.approx(1.0)
+    assert conf["[0.2,0.4)"]["share_of_strict_misses"] == 0.0 and conf["[0.2,0.4)"]["exact_top1"] is None
+    assert conf["[0.95,1]"]["exact_top1"] == pytest.approx(0.5)
     # char path top-1 agreement 3/5; the fallback is always right. Reaching 0.99 needs the miss at entropy
     # 0.005 on the fallback, so τ = 0.0: everything above it (4 of 5) falls back
     assert res["threshold"] == 0.0 and res["fallback_rate"] == pytest.approx(0.8)
@@ -265,7 +279,7 @@ def export_dir(tiny_llama, shards, tmp_path_factory):
 
 def _reference(model, batch, topk):
     """Plain per-position figures from string rows (no lookup structure): strict and lenient top-5 match,
-    and char accuracy by the top-1's spelled length."""
+    char accuracy by the top-1's spelled length, and the strict flag of every position (row-major)."""
     table = model.table
     k = table.k
     rows = {tuple(int(x) for x in table.token_chars[v]): int(v) for v in np.flatnonzero(table.decodable)}
@@ -291,10 +305,11 @@ def _reference(model, batch, topk):
                 name = "unk" if table.unknown[top1] else (str(length) if length <= k else f">{k}")
                 row = table.token_chars[top1].tolist()
                 by_len.setdefault(name, []).extend(int(chars[h] == row[h]) for h in range(k))
-    return float(np.mean(strict)), float(np.mean(lenient)), {n: float(np.mean(v)) for n, v in by_len.items()}
+    by_len_acc = {n: float(np.mean(v)) for n, v in by_len.items()}
+    return float(np.mean(strict)), float(np.mean(lenient)), by_len_acc, np.array(strict)
 
 
-def test_eval_cli_end_to_end(export_dir, shards, tmp_path, capsys):
+def test_eval_cli_end_to_end(export_dir, shards, tiny_llama, tmp_path, capsys):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     loc, batch, topk = shards
@@ -311,8 +326,27 @@ def test_eval_cli_end_to_end(export_dir, shards, tmp_path, capsys):
     assert res["agreement_top1_with_fallback"] >= 0.95
     model = SpeLLMForCausalLM.from_pretrained(export_dir)
     assert model.threshold == pytest.approx(res["threshold"])  # --calibrate wrote it
-    strict, lenient, char_by_len = _reference(model, batch, topk)
+    strict, lenient, char_by_len, strict_flags = _reference(model, batch, topk)
     assert res["exact_or_prefix_top5"] == pytest.approx(strict)
+    # Misses by the teacher's confidence: its top-1 probability from a plain forward, rounded to float16
+    # as the shards store it, binned by hand.
+    with torch.no_grad():
+        p1 = AutoModelForCausalLM.from_pretrained(str(tiny_llama)).eval()(batch).logits.float()
+    p1 = p1.log_softmax(-1).max(-1).values.half().float().exp().reshape(-1).numpy()
+    edges = [0.0, 0.2, 0.4, 0.6, 0.8, 0.95]
+    names = ["[0,0.2)", "[0.2,0.4)", "[0.4,0.6)", "[0.6,0.8)", "[0.8,0.95)", "[0.95,1]"]
+    conf = res["by_teacher_confidence"]
+    assert list(conf) == names
+    for i, name in enumerate(names):
+        inside = (p1 >= edges[i]) & ((p1 < edges[i + 1]) if i + 1 < len(edges) else (p1 <= 1.0))
+        assert conf[name]["count"] == int(inside.sum()), name
+        if inside.any():
+            assert conf[name]["exact_or_prefix_top5_strict"] == pytest.approx(strict_flags[inside].mean()), (
+                name
+            )
+        share = (~strict_flags & inside).sum() / (~strict_flags).sum()
+        assert conf[name]["share_of_strict_misses"] == pytest.approx(share), name
+    assert sum(c["count"] for c in conf.values()) == res["positions"]
     assert res["any_prefix_top5"] == pytest.approx(lenient)
     assert res["any_prefix_top5"] >= res["exact_or_prefix_top5"]
     for name, acc in char_by_len.items():
