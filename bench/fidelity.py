@@ -22,6 +22,8 @@ shards, through the real pipeline (the `spellm-ds` CLI: 2-rank ZeRO-3 `train` un
   `recipe-mlp2e-3-reg20`, `recipe-mlp5e-3-reg20`: an MLP rate with the regulariser's weight at 1 or 20
   instead of 5; `recipe-mlp1e-4-lowest`: MLPs at 1e-4 with the lowest-char-loss rule;
   `recipe-heads5e-3`: heads at 5e-3, MLPs at 2e-3; `recipe-N10`: the MLPs of the last 10 layers trained;
+  `recipe-lowest`, `recipe-N10-lowest`: the lowest-char-loss rule at the recipe's rates, N = 5 and 10;
+  `recipe-tau3`: the teacher prior at tau 3 instead of 10;
 - `recipe-online`: the recipe with the teacher computed in the training step (`teacher: online`, the
   shards' top-5 ignored); `recipe-kl_full`: the same with the `kl_full` regulariser (KL over the teacher's
   whole distribution) in place of the top-5 `kl6`: `--variants recipe recipe-online recipe-kl_full`.
@@ -96,6 +98,11 @@ VARIANTS = {
     # The heads' rate (MLPs kept at 2e-3) and the depth trained (demo_cpu.yaml: 2e-3, the last 5 layers):
     "recipe-heads5e-3": [*RECIPE, "optim.lr=0.005", "optim.mlp_lr_scale=0.4"],
     "recipe-N10": ["model.trainable_layers=10", "loss.selection=teacher_prior"],
+    # The selection rule at the recipe's rates: the paper's lowest-char-loss rule (with N = 5 and 10), and
+    # the teacher prior with a smaller tau (closer to the lowest-loss rule; demo_cpu.yaml: tau 10).
+    "recipe-lowest": ["model.trainable_layers=5", "loss.selection=lowest"],
+    "recipe-tau3": [*RECIPE, "loss.tau=3"],
+    "recipe-N10-lowest": ["model.trainable_layers=10", "loss.selection=lowest"],
     # The teacher computed in the training step (spellm_ds.teacher): the recipe with its top-5 regulariser,
     # and with the full-distribution one only the online teacher can give.
     "recipe-online": [*RECIPE, "teacher=online"],
