@@ -41,5 +41,5 @@ setup(
         # lm-evaluation-harness: the `spellm` model (spellm_ds.lm_eval_model) and `spellm-ds lm-eval-local`
         "eval": ["lm-eval>=0.4.10,<0.5"],
     },
-    entry_points={"console_scripts": ["spellm-ds=spellm_ds.cli:main"]},
+    entry_points={"console_scripts": ["spellm-ds=spellm_ds.cli:run"]},
 )

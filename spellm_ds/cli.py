@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import NoReturn
 
 from spellm_ds.dist import default_device, detect
 from spellm_ds.errors import SpellmError
@@ -605,5 +606,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def run() -> NoReturn:
+    """Console entry point: `main`, then exit with its code; after `train` without interpreter teardown."""
+    argv = sys.argv[1:]
+    code = main(argv)
+    if build_parser().parse_args(argv).command == "train":  # the only command that joins a process group
+        from spellm_ds.dist import exit_without_teardown
+
+        exit_without_teardown(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -12,11 +12,14 @@ hosts) and refuses one that spans hosts.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import socket
 import subprocess
+import sys
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 from spellm_ds.errors import SpellmError
 
@@ -186,3 +189,17 @@ def hpz_layout() -> list[tuple[list[int], list[str]]]:
             "blocks per node (srun --distribution=block) with zero_hpz_partition_size = ranks per node"
         )
     return layout
+
+
+def exit_without_teardown(code: int) -> NoReturn:
+    """Flush logs and standard streams, then end the process with `code`, skipping interpreter teardown.
+
+    For a process that has left its process group. A gloo group object that DeepSpeed still references
+    is otherwise destroyed during interpreter finalization, and that has aborted a rank (SIGABRT, exit
+    134) after its work was done and saved.
+    """
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a closed or broken stream: nothing to flush
+            stream.flush()
+    os._exit(code)

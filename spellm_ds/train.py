@@ -378,7 +378,9 @@ def _leave_process_group(clean: bool) -> None:
     """Leave the process group if one was joined; after a clean end wait for every rank first.
 
     Leaving explicitly matters on errors too: a group still alive at interpreter exit has aborted a rank
-    (SIGABRT, exit 134) instead of letting it exit with the error's code 2.
+    (SIGABRT, exit 134) instead of letting it exit with the error's code 2. DeepSpeed keeps references
+    to the group after this, so the CLI (`spellm_ds.cli.run`) also ends a `train` process without
+    interpreter teardown.
     """
     import torch.distributed as dist
 

@@ -320,6 +320,26 @@ def test_cli_refuses_bad_input_with_exit_2_before_any_process_group(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_exit_without_teardown_keeps_the_code_and_flushes_output():
+    """What `train` ends with under the CLI: unflushed stdout, stderr and a log line all arrive."""
+    code = (
+        "import logging, sys\n"
+        "logging.basicConfig(stream=sys.stderr, format='%(message)s', level=logging.INFO)\n"
+        "from spellm_ds.dist import exit_without_teardown\n"
+        "print('out-unterminated', end='')\n"
+        "sys.stderr.write('err-unterminated')\n"
+        "logging.getLogger('x').info('log-line')\n"
+        "exit_without_teardown(7)\n"
+        "print('never')\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO_ROOT
+    )
+    assert proc.returncode == 7
+    assert proc.stdout == "out-unterminated"
+    assert "err-unterminated" in proc.stderr and "log-line" in proc.stderr
+
+
 # ---------------------------------------------------------------------------------------------------
 # Shipped recipes and DeepSpeed configs
 
