@@ -168,6 +168,11 @@ def evaluate(
         raise SpellmError(f"batch_size must be >= 1, got {batch_size}")
     location = Path(shards)
     index = read_index(location)
+    if not index["top_k"]:
+        raise SpellmError(
+            f"{location}: shards hold input ids only (built with --no-teacher, top_k 0); eval scores "
+            "against the teacher's top-k: build the held-out shards with a teacher"
+        )
     model = SpeLLMForCausalLM.from_pretrained(
         model_dir,
         base_model=base_model,
