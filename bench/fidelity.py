@@ -23,7 +23,7 @@ shards, through the real pipeline (the `spellm-ds` CLI: 2-rank ZeRO-3 `train` un
   instead of 5; `recipe-mlp1e-4-lowest`: MLPs at 1e-4 with the lowest-char-loss rule;
   `recipe-heads5e-3`: heads at 5e-3, MLPs at 2e-3; `recipe-N10`: the MLPs of the last 10 layers trained;
   `recipe-lowest`, `recipe-N10-lowest`: the lowest-char-loss rule at the recipe's rates, N = 5 and 10;
-  `recipe-tau3`: the teacher prior at tau 3 instead of 10;
+  `recipe-tau3`: the teacher prior at tau 3 instead of 10; `recipe-warm64k`: the warm start on 64K positions;
 - `recipe-online`: the recipe with the teacher computed in the training step (`teacher: online`, the
   shards' top-5 ignored); `recipe-kl_full`: the same with the `kl_full` regulariser (KL over the teacher's
   whole distribution) in place of the top-5 `kl6`: `--variants recipe recipe-online recipe-kl_full`.
@@ -103,6 +103,8 @@ VARIANTS = {
     "recipe-lowest": ["model.trainable_layers=5", "loss.selection=lowest"],
     "recipe-tau3": [*RECIPE, "loss.tau=3"],
     "recipe-N10-lowest": ["model.trainable_layers=10", "loss.selection=lowest"],
+    # The warm start fitted on twice the positions (demo_cpu.yaml: 32K).
+    "recipe-warm64k": [*RECIPE, "warm_start.positions=65536"],
     # The teacher computed in the training step (spellm_ds.teacher): the recipe with its top-5 regulariser,
     # and with the full-distribution one only the online teacher can give.
     "recipe-online": [*RECIPE, "teacher=online"],
