@@ -596,8 +596,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; user errors print one line and exit with code 2."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    return _dispatch(build_parser().parse_args(argv))
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    """Run the parsed subcommand and return its exit code (2 for a user error)."""
     try:
         setup_logging(detect().rank)
         return int(args.func(args) or 0)
@@ -608,9 +611,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def run() -> NoReturn:
     """Console entry point: `main`, then exit with its code; after `train` without interpreter teardown."""
-    argv = sys.argv[1:]
-    code = main(argv)
-    if build_parser().parse_args(argv).command == "train":  # the only command that joins a process group
+    args = build_parser().parse_args(sys.argv[1:])
+    code = _dispatch(args)
+    if args.command == "train":  # the only command that joins a process group
         from spellm_ds.dist import exit_without_teardown
 
         exit_without_teardown(code)
