@@ -610,14 +610,14 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 
 def run() -> NoReturn:
-    """Console entry point: `main`, then exit with its code; after `train` without interpreter teardown."""
-    args = build_parser().parse_args(sys.argv[1:])
-    code = _dispatch(args)
-    if args.command == "train":  # the only command that joins a process group
-        from spellm_ds.dist import exit_without_teardown
+    """Console entry point: `main`, leave any process group a command joined, exit with its code."""
+    from spellm_ds.dist import exit_process, leave_process_group
 
-        exit_without_teardown(code)
-    sys.exit(code)
+    code = _dispatch(build_parser().parse_args(sys.argv[1:]))
+    # train has left its group after waiting for every rank; a multi-rank export's ranks passed its last
+    # barrier, so nothing is waited for here (one rank's error must not hold the others)
+    leave_process_group(clean=False)
+    exit_process(code)
 
 
 if __name__ == "__main__":

@@ -191,13 +191,39 @@ def hpz_layout() -> list[tuple[list[int], list[str]]]:
     return layout
 
 
-def exit_without_teardown(code: int) -> NoReturn:
-    """Flush logs and standard streams, then end the process with `code`, skipping interpreter teardown.
+_LEFT_A_GROUP = False  # set once this process has left a process group
 
-    For a process that has left its process group. A gloo group object that DeepSpeed still references
-    is otherwise destroyed during interpreter finalization, and that has aborted a rank (SIGABRT, exit
-    134) after its work was done and saved.
+
+def leave_process_group(clean: bool) -> None:
+    """Leave the process group if one was joined; after a clean end wait for every rank first.
+
+    Leaving explicitly matters on errors too: a group still alive at interpreter exit has aborted a rank
+    (SIGABRT, exit 134) instead of letting it exit with the error's code 2.
     """
+    global _LEFT_A_GROUP
+    tdist = sys.modules.get("torch.distributed")  # never imported: no group to leave
+    if tdist is None or not (tdist.is_available() and tdist.is_initialized()):
+        return
+    if clean:  # after an error on one rank the others may sit in a collective: do not wait for them
+        tdist.barrier()
+    tdist.destroy_process_group()
+    _LEFT_A_GROUP = True
+
+
+def exit_process(code: int) -> NoReturn:
+    """End the process with `code`; without interpreter teardown once it has left a process group.
+
+    DeepSpeed keeps references to the gloo group after it is destroyed, so the group's object would
+    otherwise be freed during interpreter finalization, and that has aborted a rank (SIGABRT, exit 134)
+    after its work was done and saved.
+    """
+    if _LEFT_A_GROUP:
+        exit_without_teardown(code)
+    sys.exit(code)
+
+
+def exit_without_teardown(code: int) -> NoReturn:
+    """Flush logs and standard streams, then end the process with `code`, skipping interpreter teardown."""
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(OSError, ValueError):  # a closed or broken stream: nothing to flush

@@ -489,12 +489,8 @@ def _cleanup_stale_shards(out: Path, keep: set[str]) -> None:
             f.unlink()
 
 
-_PG_OWNED = False
-
-
 def _barrier(world: int) -> None:
-    """A barrier across export ranks (a gloo group is created on first use when world > 1)."""
-    global _PG_OWNED
+    """A barrier across export ranks (a gloo group joined on first use when world > 1; the CLI leaves it)."""
     if world <= 1:
         return
     import torch.distributed as dist
@@ -504,5 +500,4 @@ def _barrier(world: int) -> None:
 
         export_torch_env(detect())
         dist.init_process_group("gloo")
-        _PG_OWNED = True
     dist.barrier()

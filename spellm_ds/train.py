@@ -216,7 +216,7 @@ def train(cfg: TrainConfig) -> int:
         run = _setup(cfg, pre, info, resume)
     except BaseException as exc:
         stop.restore()
-        _leave_process_group(clean=isinstance(exc, EveryRankError))
+        dist_env.leave_process_group(clean=isinstance(exc, EveryRankError))
         raise
     clean = False
     try:
@@ -371,23 +371,7 @@ def _teardown(run: Run, clean: bool) -> None:
         run.trace.close()
     if run.writer is not None:
         run.writer.close()
-    _leave_process_group(clean)
-
-
-def _leave_process_group(clean: bool) -> None:
-    """Leave the process group if one was joined; after a clean end wait for every rank first.
-
-    Leaving explicitly matters on errors too: a group still alive at interpreter exit has aborted a rank
-    (SIGABRT, exit 134) instead of letting it exit with the error's code 2. DeepSpeed keeps references
-    to the group after this, so the CLI (`spellm_ds.cli.run`) also ends a `train` process without
-    interpreter teardown.
-    """
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        if clean:  # after an error on one rank the others may sit in a collective: do not wait for them
-            dist.barrier()
-        dist.destroy_process_group()
+    dist_env.leave_process_group(clean)
 
 
 def _say(text: str, always: bool = False) -> None:

@@ -69,7 +69,7 @@ def _main(model_dir: str, out: str, steps: int) -> None:
     from transformers import AutoConfig, AutoTokenizer
 
     from spellm_ds.charset import CharTable
-    from spellm_ds.dist import exit_without_teardown
+    from spellm_ds.dist import exit_process, leave_process_group
     from spellm_ds.fingerprint import tokenizer_hash
     from spellm_ds.model import build_spellm_model
 
@@ -126,9 +126,8 @@ def _main(model_dir: str, out: str, steps: int) -> None:
             "config": cfg,
         }
         (Path(out) / tag / "spellm_meta.json").write_text(json.dumps(meta), encoding="utf-8")
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
-    exit_without_teardown(0)  # DeepSpeed still holds the group: its teardown at exit can abort a rank
+    leave_process_group(clean=True)
+    exit_process(0)  # DeepSpeed still holds the group: its teardown at exit can abort a rank
 
 
 if __name__ == "__main__":

@@ -273,7 +273,7 @@ def _zero3_worker(model_dir: str, out_file: str) -> None:
     import torch.distributed as dist
     from deepspeed.utils import safe_get_full_grad
 
-    from spellm_ds.dist import exit_without_teardown
+    from spellm_ds.dist import exit_process, leave_process_group
     from spellm_ds.model import build_spellm_model
 
     deepspeed.init_distributed("gloo")
@@ -303,9 +303,8 @@ def _zero3_worker(model_dir: str, out_file: str) -> None:
         torch.save(
             {"losses": [float(x) for x in losses_], "grads": grads, "partitioned": partitioned}, out_file
         )
-    dist.barrier()
-    dist.destroy_process_group()
-    exit_without_teardown(0)  # DeepSpeed still holds the group: its teardown at exit can abort a rank
+    leave_process_group(clean=True)
+    exit_process(0)  # DeepSpeed still holds the group: its teardown at exit can abort a rank
 
 
 if __name__ == "__main__":
