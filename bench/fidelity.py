@@ -24,6 +24,8 @@ shards, through the real pipeline (the `spellm-ds` CLI: 2-rank ZeRO-3 `train` un
   `recipe-heads5e-3`: heads at 5e-3, MLPs at 2e-3; `recipe-N10`: the MLPs of the last 10 layers trained;
   `recipe-lowest`, `recipe-N10-lowest`: the lowest-char-loss rule at the recipe's rates, N = 5 and 10;
   `recipe-tau3`: the teacher prior at tau 3 instead of 10; `recipe-warm64k`: the warm start on 64K positions;
+  `recipe-batch4`, `recipe-batch2`: 4 or 2 sequences a step instead of 8, over 2 or 4 times the steps (the
+  same tokens);
 - `recipe-online`: the recipe with the teacher computed in the training step (`teacher: online`, the
   shards' top-5 ignored); `recipe-kl_full`: the same with the `kl_full` regulariser (KL over the teacher's
   whole distribution) in place of the top-5 `kl6`: `--variants recipe recipe-online recipe-kl_full`.
@@ -105,6 +107,10 @@ VARIANTS = {
     "recipe-N10-lowest": ["model.trainable_layers=10", "loss.selection=lowest"],
     # The warm start fitted on twice the positions (demo_cpu.yaml: 32K).
     "recipe-warm64k": [*RECIPE, "warm_start.positions=65536"],
+    # Smaller optimizer steps on the same tokens (demo_cpu.yaml: 8 sequences a step): the bench scales the
+    # step count (and the warm-up's) by 8 / batch.train, so every variant sees the same training tokens.
+    "recipe-batch4": [*RECIPE, "batch.train=4", "batch.micro=2"],
+    "recipe-batch2": [*RECIPE, "batch.train=2", "batch.micro=1"],
     # The teacher computed in the training step (spellm_ds.teacher): the recipe with its top-5 regulariser,
     # and with the full-distribution one only the online teacher can give.
     "recipe-online": [*RECIPE, "teacher=online"],
@@ -127,11 +133,36 @@ COLUMNS = (
 )
 
 
+def variant_batch(name: str) -> int:
+    """Sequences per optimizer step of variant `name` (its `batch.train` override, else BATCH)."""
+    found = [o.split("=", 1)[1] for o in VARIANTS[name] if o.startswith("batch.train=")]
+    batch = int(found[-1]) if found else BATCH
+    if batch <= 0 or BATCH % batch:
+        raise SpellmError(f"fidelity: variant {name!r}: batch.train={batch} does not divide {BATCH}")
+    return batch
+
+
+def variant_schedule(name: str, overrides: list[str]) -> tuple[int, int, list[str]]:
+    """(steps, batch, step overrides) of variant `name` on the budget `overrides` set for batch BATCH.
+
+    A variant with a smaller batch runs BATCH / batch times the steps and warm-up steps, so it trains on
+    the same tokens as the others.
+    """
+    batch = variant_batch(name)
+
+    def budget(key: str) -> int:
+        return int(next(o.split("=", 1)[1] for o in reversed(overrides) if o.startswith(f"{key}=")))
+
+    scale = BATCH // batch
+    steps, warmup = budget("max_steps") * scale, budget("schedule.warmup_steps") * scale
+    return steps, batch, [f"max_steps={steps}", f"schedule.warmup_steps={warmup}"]
+
+
 def run_variant(
     runner: StageRunner, cfg: DemoConfig, name: str, teacher: Path, shards: dict[str, Path], curve: int
 ) -> dict[str, Any]:
     """Train, export and evaluate one variant; with `curve` > 1 also evaluate intermediate checkpoints."""
-    steps = int(next(o.split("=", 1)[1] for o in cfg.overrides if o.startswith("max_steps=")))
+    steps, batch, schedule = variant_schedule(name, cfg.overrides)
     points = sorted({max(1, round(steps * (i + 1) / curve)) for i in range(curve)}) if curve > 1 else [steps]
     interval = points[0] if curve > 1 else steps
     root = Path(cfg.out) / "fidelity" / name
@@ -143,7 +174,12 @@ def run_variant(
         shards,
         name=f"{name}-train",
         run_dir=root / "train",
-        overrides=[*VARIANTS[name], f"checkpoint.interval={interval}", "checkpoint.keep_latest_k=0"],
+        overrides=[
+            *VARIANTS[name],
+            *schedule,
+            f"checkpoint.interval={interval}",
+            "checkpoint.keep_latest_k=0",
+        ],
     )
     train_seconds = runner.results[f"{name}-train"].seconds
     curve_rows = []
@@ -168,7 +204,7 @@ def run_variant(
             out=root / f"eval-{step}",
             max_samples=cfg.heldout_samples,
         )
-        curve_rows.append({"step": step, "tokens": step * BATCH * cfg.seq_len, **_pick(metrics)})
+        curve_rows.append({"step": step, "tokens": step * batch * cfg.seq_len, **_pick(metrics)})
     return {
         "variant": name,
         "overrides": VARIANTS[name],

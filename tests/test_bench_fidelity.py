@@ -59,3 +59,20 @@ def test_budget_table_has_one_row_per_target():
     assert [(r["key"], r["target"]) for r in rows] == list(fidelity.TARGETS)
     # The AutoCorrect figure is 0.05 higher on the same slope: 0.976 is (0.976 - 0.65) / 0.1 doublings on.
     assert rows[2]["tokens"] == pytest.approx(2.0 ** (11 + (0.976 - 0.65) / 0.1))
+
+
+def test_a_smaller_batch_runs_more_steps_on_the_same_tokens():
+    budget = ["max_steps=80", "eval.interval=0", "schedule.warmup_steps=5"]
+    # 8 sequences a step is the bench's batch: the budget as it is.
+    assert fidelity.variant_schedule("recipe", budget) == (80, 8, ["max_steps=80", "schedule.warmup_steps=5"])
+    # 2 sequences a step: 4 x 80 steps and 4 x 5 warm-up steps, 320 x 2 = 80 x 8 sequences.
+    steps, batch, extra = fidelity.variant_schedule("recipe-batch2", budget)
+    assert (steps, batch) == (320, 2) and extra == ["max_steps=320", "schedule.warmup_steps=20"]
+    # The last budget value wins, as it does in the run config.
+    assert fidelity.variant_schedule("recipe-batch4", [*budget, "max_steps=6"])[0] == 12
+
+
+def test_a_batch_that_does_not_divide_the_bench_batch_is_refused(monkeypatch):
+    monkeypatch.setitem(fidelity.VARIANTS, "odd", ["batch.train=3"])
+    with pytest.raises(fidelity.SpellmError, match=r"'odd': batch\.train=3 does not divide 8"):
+        fidelity.variant_batch("odd")
