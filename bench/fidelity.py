@@ -1,17 +1,21 @@
 """Distillation fidelity on held-out shards: what each lever of the recipe buys, on the same teacher.
 
-    .venv/bin/python bench/fidelity.py                   # small budget, 6 steps, 2 variants: a smoke run
-                                                         # whose figures mean little
-    .venv/bin/python bench/fidelity.py --budget demo --variants prior prior-mlp-lr recipe
-                                                         # the demo's budget: 80 steps x 2,048 tokens each
-    .venv/bin/python bench/fidelity.py --steps 640 --curve 4   # any budget, metrics at 4 points on the way
-    .venv/bin/python bench/fidelity.py --steps 240 --heldout-samples 64 --curve 3 --variants recipe-online
-                                                         # a curve without a teacher pass over its data
+    .venv/bin/python bench/fidelity.py                   # small budget, 48 sequences, 2 variants: a smoke
+                                                         # run whose figures mean little
+    .venv/bin/python bench/fidelity.py --budget demo --variants recipe recipe-batch8
+                                                         # the demo's budget: 640 sequences of 256 tokens
+    .venv/bin/python bench/fidelity.py --sequences 5120 --curve 4   # any budget, metrics at 4 points
+    .venv/bin/python bench/fidelity.py --budget demo --sequences 1920 --curve 3 --variants recipe-online
+                                                         # a curve without a teacher pass over its data,
+                                                         # scored on the demo's 64 held-out sequences
     .venv/bin/python bench/fidelity.py --teacher toy ...       # the self-trained demo teacher
 
 Students distilled from the same teacher (default: SmolLM2-135M, `data_prep/real_teacher.py`) on the same
 shards, through the real pipeline (the `spellm-ds` CLI: 2-rank ZeRO-3 `train` under torchrun, `export`,
-`eval --calibrate`). Variants are run-config overrides on configs/demo_cpu.yaml (see `VARIANTS`):
+`eval --calibrate`). Every variant trains on the same sequences (the budget); its batch sets how many
+optimizer steps they make. Variants are run-config overrides on configs/demo_cpu.yaml (see `VARIANTS`).
+`recipe` and `recipe-online` take its 2 sequences a step, `recipe-batch4` 4; the others keep the 8 they
+were measured with:
 
 - `prior`: teacher-prior rule, one learning rate for heads and MLPs, zero heads (the recipe before the
   levers); `prior-mlp-lr`: MLPs at 0.05 x the heads' rate; `recipe`: configs/demo_cpu.yaml as it is (adds
@@ -24,11 +28,11 @@ shards, through the real pipeline (the `spellm-ds` CLI: 2-rank ZeRO-3 `train` un
   `recipe-heads5e-3`: heads at 5e-3, MLPs at 2e-3; `recipe-N10`: the MLPs of the last 10 layers trained;
   `recipe-lowest`, `recipe-N10-lowest`: the lowest-char-loss rule at the recipe's rates, N = 5 and 10;
   `recipe-tau3`: the teacher prior at tau 3 instead of 10; `recipe-warm64k`: the warm start on 64K positions;
-  `recipe-batch4`, `recipe-batch2`: 4 or 2 sequences a step instead of 8, over 2 or 4 times the steps (the
-  same tokens);
+  `recipe-batch4`, `recipe-batch8`: the recipe at 4 or 8 sequences a step instead of 2, so 1/2 or 1/4 the
+  steps on the same tokens;
 - `recipe-online`: the recipe with the teacher computed in the training step (`teacher: online`, the
-  shards' top-5 ignored); `recipe-kl_full`: the same with the `kl_full` regulariser (KL over the teacher's
-  whole distribution) in place of the top-5 `kl6`: `--variants recipe recipe-online recipe-kl_full`.
+  shards' top-5 ignored), `recipe-online-batch8` the same at 8 sequences a step; `recipe-kl_full`: that
+  with the `kl_full` regulariser (KL over the teacher's whole distribution) in place of the top-5 `kl6`.
 
 Columns (fractions of held-out positions; definitions in spellm_ds/metrics.py): exact match with one of
 the teacher's top-5, exact-or-prefix match (a prefix only where all k characters equal the start of a
@@ -69,57 +73,63 @@ from examples.demo import (  # noqa: E402
     train_stage,
 )
 from examples.pipeline import StageRunner  # noqa: E402
+from spellm_ds.config import load_config  # noqa: E402
 from spellm_ds.errors import SpellmError  # noqa: E402
 
 # Variants as run-config overrides on top of configs/demo_cpu.yaml (whose own settings are the recipe).
+# The variants without a batch of their own (`recipe`, `recipe-online`) take the recipe's 2 sequences a step;
+# the others were measured when the recipe took 8 and keep that batch, so their figures stay reproducible.
+BATCH8 = ["batch.train=8", "batch.micro=4"]
 BASE_RECIPE = ["optim.mlp_lr_scale=1.0", "warm_start.positions=0"]  # one rate, heads start at zero
 RECIPE = ["model.trainable_layers=5", "loss.selection=teacher_prior"]  # demo_cpu.yaml as it is
 MLP_1E4 = "optim.mlp_lr_scale=0.05"  # the MLPs at 1e-4, the demo's rate before it became the heads' rate
 VARIANTS = {
     # The recipe levers, measured on the same teacher, shards and budget:
-    "paper": ["model.trainable_layers=5", "loss.selection=lowest", *BASE_RECIPE],
-    "prior": [*RECIPE, *BASE_RECIPE],
-    "prior-mlp-lr": [*RECIPE, "warm_start.positions=0", MLP_1E4],
+    "paper": ["model.trainable_layers=5", "loss.selection=lowest", *BASE_RECIPE, *BATCH8],
+    "prior": [*RECIPE, *BASE_RECIPE, *BATCH8],
+    "prior-mlp-lr": [*RECIPE, "warm_start.positions=0", MLP_1E4, *BATCH8],
     "recipe": [*RECIPE],
-    "N0-warm": ["model.trainable_layers=0", "loss.selection=teacher_prior"],
+    "N0-warm": ["model.trainable_layers=0", "loss.selection=teacher_prior", *BATCH8],
     # The earlier comparison (N and the selection rule, one learning rate, zero heads):
-    "N0": ["model.trainable_layers=0", "loss.selection=lowest", *BASE_RECIPE],
-    "N5-lowest": ["model.trainable_layers=5", "loss.selection=lowest", *BASE_RECIPE],
-    "N5-prior": [*RECIPE, *BASE_RECIPE],
-    "N1-prior": ["model.trainable_layers=1", "loss.selection=teacher_prior", *BASE_RECIPE],
+    "N0": ["model.trainable_layers=0", "loss.selection=lowest", *BASE_RECIPE, *BATCH8],
+    "N5-lowest": ["model.trainable_layers=5", "loss.selection=lowest", *BASE_RECIPE, *BATCH8],
+    "N5-prior": [*RECIPE, *BASE_RECIPE, *BATCH8],
+    "N1-prior": ["model.trainable_layers=1", "loss.selection=teacher_prior", *BASE_RECIPE, *BATCH8],
     # The MLPs' rate (demo_cpu.yaml: 1.0 x the heads' 2e-3), with the regulariser's weight (demo_cpu.yaml: 5)
     # and the selection rule beside the old rate of 1e-4, as those were measured:
-    "recipe-mlp1e-4": [*RECIPE, MLP_1E4],
-    "recipe-mlp1e-4-reg1": [*RECIPE, MLP_1E4, "loss.reg_weight=1"],
-    "recipe-mlp1e-4-reg20": [*RECIPE, MLP_1E4, "loss.reg_weight=20"],
-    "recipe-mlp1e-4-lowest": ["model.trainable_layers=5", "loss.selection=lowest", MLP_1E4],
-    "recipe-mlp5e-4": [*RECIPE, "optim.mlp_lr_scale=0.25"],
-    "recipe-mlp2e-3": [*RECIPE, "optim.mlp_lr_scale=1.0"],
-    "recipe-mlp2e-3-reg20": [*RECIPE, "optim.mlp_lr_scale=1.0", "loss.reg_weight=20"],
-    "recipe-mlp5e-3-reg20": [*RECIPE, "optim.mlp_lr_scale=2.5", "loss.reg_weight=20"],
+    "recipe-mlp1e-4": [*RECIPE, MLP_1E4, *BATCH8],
+    "recipe-mlp1e-4-reg1": [*RECIPE, MLP_1E4, "loss.reg_weight=1", *BATCH8],
+    "recipe-mlp1e-4-reg20": [*RECIPE, MLP_1E4, "loss.reg_weight=20", *BATCH8],
+    "recipe-mlp1e-4-lowest": ["model.trainable_layers=5", "loss.selection=lowest", MLP_1E4, *BATCH8],
+    "recipe-mlp5e-4": [*RECIPE, "optim.mlp_lr_scale=0.25", *BATCH8],
+    "recipe-mlp2e-3": [*RECIPE, "optim.mlp_lr_scale=1.0", *BATCH8],
+    "recipe-mlp2e-3-reg20": [*RECIPE, "optim.mlp_lr_scale=1.0", "loss.reg_weight=20", *BATCH8],
+    "recipe-mlp5e-3-reg20": [*RECIPE, "optim.mlp_lr_scale=2.5", "loss.reg_weight=20", *BATCH8],
     # The heads' rate (MLPs kept at 2e-3) and the depth trained (demo_cpu.yaml: 2e-3, the last 5 layers):
-    "recipe-heads5e-3": [*RECIPE, "optim.lr=0.005", "optim.mlp_lr_scale=0.4"],
-    "recipe-N10": ["model.trainable_layers=10", "loss.selection=teacher_prior"],
+    "recipe-heads5e-3": [*RECIPE, "optim.lr=0.005", "optim.mlp_lr_scale=0.4", *BATCH8],
+    "recipe-N10": ["model.trainable_layers=10", "loss.selection=teacher_prior", *BATCH8],
     # The selection rule at the recipe's rates: the paper's lowest-char-loss rule (with N = 5 and 10), and
     # the teacher prior with a smaller tau (closer to the lowest-loss rule; demo_cpu.yaml: tau 10).
-    "recipe-lowest": ["model.trainable_layers=5", "loss.selection=lowest"],
-    "recipe-tau3": [*RECIPE, "loss.tau=3"],
-    "recipe-N10-lowest": ["model.trainable_layers=10", "loss.selection=lowest"],
+    "recipe-lowest": ["model.trainable_layers=5", "loss.selection=lowest", *BATCH8],
+    "recipe-tau3": [*RECIPE, "loss.tau=3", *BATCH8],
+    "recipe-N10-lowest": ["model.trainable_layers=10", "loss.selection=lowest", *BATCH8],
     # The warm start fitted on twice the positions (demo_cpu.yaml: 32K).
-    "recipe-warm64k": [*RECIPE, "warm_start.positions=65536"],
-    # Smaller optimizer steps on the same tokens (demo_cpu.yaml: 8 sequences a step): the bench scales the
-    # step count (and the warm-up's) by 8 / batch.train, so every variant sees the same training tokens.
+    "recipe-warm64k": [*RECIPE, "warm_start.positions=65536", *BATCH8],
+    # Sequences per optimizer step (demo_cpu.yaml: 2) on the same tokens: 4 and 8 take 1/2 and 1/4 the steps.
     "recipe-batch4": [*RECIPE, "batch.train=4", "batch.micro=2"],
-    "recipe-batch2": [*RECIPE, "batch.train=2", "batch.micro=1"],
-    # The teacher computed in the training step (spellm_ds.teacher): the recipe with its top-5 regulariser,
-    # and with the full-distribution one only the online teacher can give.
+    "recipe-batch8": [*RECIPE, *BATCH8],
+    # The teacher computed in the training step (spellm_ds.teacher): the recipe with its top-5 regulariser
+    # (at the recipe's batch, and at 8 sequences a step as its first curve was measured), and with the
+    # full-distribution one only the online teacher can give.
     "recipe-online": [*RECIPE, "teacher=online"],
-    "recipe-kl_full": [*RECIPE, "teacher=online", "loss.regularizer=kl_full"],
+    "recipe-online-batch8": [*RECIPE, "teacher=online", *BATCH8],
+    "recipe-kl_full": [*RECIPE, "teacher=online", "loss.regularizer=kl_full", *BATCH8],
 }
 DEFAULT_VARIANTS = ["prior", "recipe"]
-# budget: (optimizer steps per variant, held-out sequences scored)
-BUDGETS = {"small": (6, 16), "demo": (80, 64), "large": (640, 64)}
-BATCH = 8  # sequences per optimizer step (configs/demo_cpu.yaml: micro 4 x 2 ranks)
+# budget: (training sequences per variant, held-out sequences scored). Each variant trains on the same
+# sequences; its batch sets how many optimizer steps they make (the demo's: 640 sequences, 320 steps of 2).
+BUDGETS = {"small": (48, 16), "demo": (640, 64), "large": (5120, 64)}
+WARMUP_SEQUENCES = 40  # the rate's warm-up, in sequences (at most a fifth of the budget)
 COLUMNS = (
     ("exact_top5", "exact top5"),
     ("exact_or_prefix_top5", "EoP top5"),
@@ -133,36 +143,32 @@ COLUMNS = (
 )
 
 
-def variant_batch(name: str) -> int:
-    """Sequences per optimizer step of variant `name` (its `batch.train` override, else BATCH)."""
-    found = [o.split("=", 1)[1] for o in VARIANTS[name] if o.startswith("batch.train=")]
-    batch = int(found[-1]) if found else BATCH
-    if batch <= 0 or BATCH % batch:
-        raise SpellmError(f"fidelity: variant {name!r}: batch.train={batch} does not divide {BATCH}")
-    return batch
+def variant_batch(config: str, ranks: int, name: str) -> int:
+    """Sequences per optimizer step of variant `name`: the run config's batch with the variant's overrides."""
+    return load_config(config, VARIANTS[name]).batch.resolve(ranks)[2]
 
 
-def variant_schedule(name: str, overrides: list[str]) -> tuple[int, int, list[str]]:
-    """(steps, batch, step overrides) of variant `name` on the budget `overrides` set for batch BATCH.
-
-    A variant with a smaller batch runs BATCH / batch times the steps and warm-up steps, so it trains on
-    the same tokens as the others.
-    """
-    batch = variant_batch(name)
-
-    def budget(key: str) -> int:
-        return int(next(o.split("=", 1)[1] for o in reversed(overrides) if o.startswith(f"{key}=")))
-
-    scale = BATCH // batch
-    steps, warmup = budget("max_steps") * scale, budget("schedule.warmup_steps") * scale
-    return steps, batch, [f"max_steps={steps}", f"schedule.warmup_steps={warmup}"]
+def variant_schedule(sequences: int, batch: int) -> tuple[int, list[str]]:
+    """(optimizer steps, step overrides) that train `sequences` sequences at `batch` sequences a step."""
+    if sequences % batch:
+        raise SpellmError(f"fidelity: {sequences} training sequences are not a multiple of the batch {batch}")
+    steps = sequences // batch
+    warmup = min(WARMUP_SEQUENCES, sequences // 5) // batch
+    return steps, [f"max_steps={steps}", f"schedule.warmup_steps={warmup}"]
 
 
 def run_variant(
-    runner: StageRunner, cfg: DemoConfig, name: str, teacher: Path, shards: dict[str, Path], curve: int
+    runner: StageRunner,
+    cfg: DemoConfig,
+    name: str,
+    teacher: Path,
+    shards: dict[str, Path],
+    sequences: int,
+    curve: int,
 ) -> dict[str, Any]:
     """Train, export and evaluate one variant; with `curve` > 1 also evaluate intermediate checkpoints."""
-    steps, batch, schedule = variant_schedule(name, cfg.overrides)
+    batch = variant_batch(cfg.config, cfg.ranks, name)
+    steps, schedule = variant_schedule(sequences, batch)
     points = sorted({max(1, round(steps * (i + 1) / curve)) for i in range(curve)}) if curve > 1 else [steps]
     interval = points[0] if curve > 1 else steps
     root = Path(cfg.out) / "fidelity" / name
@@ -208,6 +214,8 @@ def run_variant(
     return {
         "variant": name,
         "overrides": VARIANTS[name],
+        "batch": batch,
+        "steps": steps,
         **_pick(metrics),
         "train_seconds": train_seconds,
         "seconds": time.perf_counter() - t0,
@@ -292,7 +300,9 @@ def main(argv: list[str] | None = None) -> int:
     """Run the three variants and print the table and a final JSON line."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--budget", choices=sorted(BUDGETS), default="small")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps per variant (overrides --budget)")
+    p.add_argument(
+        "--sequences", type=int, default=None, help="training sequences per variant (overrides --budget)"
+    )
     p.add_argument("--heldout-samples", type=int, default=None, help="held-out sequences scored")
     p.add_argument("--curve", type=int, default=1, help="evaluate this many checkpoints per variant")
     p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=DEFAULT_VARIANTS)
@@ -306,10 +316,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--teacher-arg", action="append", default=[], help="extra flag of the teacher's module")
     p.add_argument("--quiet", action="store_true", help="stage output to the logs only")
     args = p.parse_args(argv)
-    steps, held = BUDGETS[args.budget]
-    steps = args.steps or steps
+    sequences, held = BUDGETS[args.budget]
+    sequences = args.sequences or sequences
     held = args.heldout_samples or held
-    tag = "" if (steps, held) == BUDGETS["demo"] else f"-{steps}x{held}"  # the demo budget shares its shards
+    tag = "" if (sequences, held) == BUDGETS["demo"] else f"-{sequences}x{held}"  # the demo's are shared
     # Variants that all compute the teacher in the training step need no teacher pass over the train shards.
     online_only = all("teacher=online" in VARIANTS[name] for name in args.variants)
     tag += "-tokens" if online_only else ""
@@ -319,10 +329,10 @@ def main(argv: list[str] | None = None) -> int:
         out=args.out,
         teacher_kind=args.teacher,
         teacher_args=args.teacher_arg,
-        train_samples=max(base.samples_per_shard, steps * BATCH),
+        train_samples=max(base.samples_per_shard, sequences),
         heldout_samples=held,
         shards_tag=tag,
-        overrides=[f"max_steps={steps}", "eval.interval=0", f"schedule.warmup_steps={min(5, steps // 5)}"],
+        overrides=["eval.interval=0"],
         echo=not args.quiet,
     )
     runner = StageRunner(cfg.out, echo=cfg.echo)
@@ -330,22 +340,24 @@ def main(argv: list[str] | None = None) -> int:
     try:
         teacher, info, train_in, held_in = teacher_stage(runner, cfg, Path(cfg.out))
         shards = shards_stages(runner, cfg, teacher, info, train_in, held_in, train_no_teacher=online_only)
-        rows = [run_variant(runner, cfg, name, teacher, shards, args.curve) for name in args.variants]
+        rows = [
+            run_variant(runner, cfg, name, teacher, shards, sequences, args.curve) for name in args.variants
+        ]
     except SpellmError as exc:
         print(f"fidelity: error: {exc}", file=sys.stderr)
         return 2
     print()
     print(
         f"fidelity: teacher {teacher} (held-out ppl {info.get('heldout_ppl', float('nan')):.1f}); "
-        f"{steps} steps x {BATCH * cfg.seq_len} tokens = {steps * BATCH * cfg.seq_len / 1e6:.2f}M tokens per "
+        f"{sequences} sequences x {cfg.seq_len} tokens = {sequences * cfg.seq_len / 1e6:.2f}M tokens per "
         f"variant; {held} held-out sequences"
     )
     print(format_table(rows))
     result = {
         "bench": "fidelity",
         "teacher": {k: info.get(k) for k in ("path", "heldout_ppl", "params")},
-        "steps": steps,
-        "tokens_per_variant": steps * BATCH * cfg.seq_len,
+        "sequences": sequences,
+        "tokens_per_variant": sequences * cfg.seq_len,
         "heldout_samples": held,
         "variants": rows,
         "seconds": time.perf_counter() - t0,

@@ -10,6 +10,7 @@ import importlib.util
 from pathlib import Path
 
 import pytest
+import yaml
 
 _PATH = Path(__file__).resolve().parents[1] / "bench" / "fidelity.py"
 _SPEC = importlib.util.spec_from_file_location("bench_fidelity", _PATH)
@@ -61,18 +62,26 @@ def test_budget_table_has_one_row_per_target():
     assert rows[2]["tokens"] == pytest.approx(2.0 ** (11 + (0.976 - 0.65) / 0.1))
 
 
-def test_a_smaller_batch_runs_more_steps_on_the_same_tokens():
-    budget = ["max_steps=80", "eval.interval=0", "schedule.warmup_steps=5"]
-    # 8 sequences a step is the bench's batch: the budget as it is.
-    assert fidelity.variant_schedule("recipe", budget) == (80, 8, ["max_steps=80", "schedule.warmup_steps=5"])
-    # 2 sequences a step: 4 x 80 steps and 4 x 5 warm-up steps, 320 x 2 = 80 x 8 sequences.
-    steps, batch, extra = fidelity.variant_schedule("recipe-batch2", budget)
-    assert (steps, batch) == (320, 2) and extra == ["max_steps=320", "schedule.warmup_steps=20"]
-    # The last budget value wins, as it does in the run config.
-    assert fidelity.variant_schedule("recipe-batch4", [*budget, "max_steps=6"])[0] == 12
+def test_each_batch_trains_the_same_sequences():
+    # The demo budget, 640 sequences: 80 steps of 8 or 320 of 2, the warm-up 40 sequences either way.
+    assert fidelity.variant_schedule(640, 8) == (80, ["max_steps=80", "schedule.warmup_steps=5"])
+    assert fidelity.variant_schedule(640, 2) == (320, ["max_steps=320", "schedule.warmup_steps=20"])
+    # The small budget, 48 sequences: the warm-up is at most a fifth of them (9), 1 step of 8 or 4 of 2.
+    assert fidelity.variant_schedule(48, 8) == (6, ["max_steps=6", "schedule.warmup_steps=1"])
+    assert fidelity.variant_schedule(48, 2) == (24, ["max_steps=24", "schedule.warmup_steps=4"])
 
 
-def test_a_batch_that_does_not_divide_the_bench_batch_is_refused(monkeypatch):
-    monkeypatch.setitem(fidelity.VARIANTS, "odd", ["batch.train=3"])
-    with pytest.raises(fidelity.SpellmError, match=r"'odd': batch\.train=3 does not divide 8"):
-        fidelity.variant_batch("odd")
+def test_a_budget_the_batch_does_not_divide_is_refused():
+    with pytest.raises(
+        fidelity.SpellmError, match=r"640 training sequences are not a multiple of the batch 3$"
+    ):
+        fidelity.variant_schedule(640, 3)
+
+
+def test_a_variant_batch_is_the_run_config_batch_with_its_overrides():
+    config = Path(__file__).resolve().parents[1] / "configs" / "demo_cpu.yaml"
+    own = yaml.safe_load(config.read_text(encoding="utf-8"))["batch"]["train"]
+    assert fidelity.variant_batch(str(config), 2, "recipe") == own
+    assert fidelity.variant_batch(str(config), 2, "recipe-batch4") == 4
+    assert fidelity.variant_batch(str(config), 2, "recipe-batch8") == 8
+    assert fidelity.variant_batch(str(config), 2, "recipe-tau3") == 8  # measured at 8, kept there
