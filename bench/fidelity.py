@@ -297,7 +297,7 @@ def _fmt(v: Any) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the three variants and print the table and a final JSON line."""
+    """Run the chosen variants on one budget and print the table and a final JSON line."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--budget", choices=sorted(BUDGETS), default="small")
     p.add_argument(
