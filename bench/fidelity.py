@@ -14,8 +14,8 @@ Students distilled from the same teacher (default: SmolLM2-135M, `data_prep/real
 shards, through the real pipeline (the `spellm-ds` CLI: 2-rank ZeRO-3 `train` under torchrun, `export`,
 `eval --calibrate`). Every variant trains on the same sequences (the budget); its batch sets how many
 optimizer steps they make. Variants are run-config overrides on configs/demo_cpu.yaml (see `VARIANTS`).
-`recipe` and `recipe-online` take its 2 sequences a step, `recipe-batch4` 4; the others keep the 8 they
-were measured with:
+`recipe`, `recipe-lr4e-3` and `recipe-online` take its 2 sequences a step, `recipe-batch4` 4; the others
+keep the 8 they were measured with:
 
 - `prior`: teacher-prior rule, one learning rate for heads and MLPs, zero heads (the recipe before the
   levers); `prior-mlp-lr`: MLPs at 0.05 x the heads' rate; `recipe`: configs/demo_cpu.yaml as it is (adds
@@ -29,7 +29,7 @@ were measured with:
   `recipe-lowest`, `recipe-N10-lowest`: the lowest-char-loss rule at the recipe's rates, N = 5 and 10;
   `recipe-tau3`: the teacher prior at tau 3 instead of 10; `recipe-warm64k`: the warm start on 64K positions;
   `recipe-batch4`, `recipe-batch8`: the recipe at 4 or 8 sequences a step instead of 2, so 1/2 or 1/4 the
-  steps on the same tokens;
+  steps on the same tokens; `recipe-lr4e-3`: the recipe (2 a step) with heads and MLPs at 4e-3;
 - `recipe-online`: the recipe with the teacher computed in the training step (`teacher: online`, the
   shards' top-5 ignored), `recipe-online-batch8` the same at 8 sequences a step; `recipe-kl_full`: that
   with the `kl_full` regulariser (KL over the teacher's whole distribution) in place of the top-5 `kl6`.
@@ -77,7 +77,7 @@ from spellm_ds.config import load_config  # noqa: E402
 from spellm_ds.errors import SpellmError  # noqa: E402
 
 # Variants as run-config overrides on top of configs/demo_cpu.yaml (whose own settings are the recipe).
-# The variants without a batch of their own (`recipe`, `recipe-online`) take the recipe's 2 sequences a step;
+# Variants without a batch of their own (`recipe`, `recipe-lr4e-3`, `recipe-online`) take the recipe's 2;
 # the others were measured when the recipe took 8 and keep that batch, so their figures stay reproducible.
 BATCH8 = ["batch.train=8", "batch.micro=4"]
 BASE_RECIPE = ["optim.mlp_lr_scale=1.0", "warm_start.positions=0"]  # one rate, heads start at zero
@@ -118,6 +118,7 @@ VARIANTS = {
     # Sequences per optimizer step (demo_cpu.yaml: 2) on the same tokens: 4 and 8 take 1/2 and 1/4 the steps.
     "recipe-batch4": [*RECIPE, "batch.train=4", "batch.micro=2"],
     "recipe-batch8": [*RECIPE, *BATCH8],
+    "recipe-lr4e-3": [*RECIPE, "optim.lr=0.004"],  # heads and MLPs at 4e-3 (demo_cpu.yaml: 2e-3), 2 a step
     # The teacher computed in the training step (spellm_ds.teacher): the recipe with its top-5 regulariser
     # (at the recipe's batch, and at 8 sequences a step as its first curve was measured), and with the
     # full-distribution one only the online teacher can give.

@@ -1,5 +1,6 @@
 """Pure helpers of the fidelity benchmark (`bench/fidelity.py`): reading the budget a target needs off a
-metric-vs-tokens curve, measured where the curve reaches it and extrapolated (log-linearly) where not.
+metric-vs-tokens curve, measured where the curve reaches it and extrapolated (log-linearly) where not, and
+turning a budget of sequences into each variant's steps at its own batch.
 
 Run alone: `.venv/bin/python -m pytest tests/test_bench_fidelity.py -q`
 """
