@@ -596,11 +596,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; user errors print one line and exit with code 2."""
-    return _dispatch(build_parser().parse_args(argv))
-
-
-def _dispatch(args: argparse.Namespace) -> int:
-    """Run the parsed subcommand and return its exit code (2 for a user error)."""
+    args = build_parser().parse_args(argv)
     try:
         setup_logging(detect().rank)
         return int(args.func(args) or 0)
@@ -613,7 +609,7 @@ def run() -> NoReturn:
     """Console entry point: `main`, leave any process group a command joined, exit with its code."""
     from spellm_ds.dist import exit_process, leave_process_group
 
-    code = _dispatch(build_parser().parse_args(sys.argv[1:]))
+    code = main()
     # train has left its group after waiting for every rank; a multi-rank export's ranks passed its last
     # barrier, so nothing is waited for here (one rank's error must not hold the others)
     leave_process_group(clean=False)
