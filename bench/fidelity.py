@@ -14,8 +14,8 @@ Students distilled from the same teacher (default: SmolLM2-135M, `data_prep/real
 shards, through the real pipeline (the `spellm-ds` CLI: 2-rank ZeRO-3 `train` under torchrun, `export`,
 `eval --calibrate`). Every variant trains on the same sequences (the budget); its batch sets how many
 optimizer steps they make. Variants are run-config overrides on configs/demo_cpu.yaml (see `VARIANTS`).
-`recipe`, `recipe-lr4e-3` and `recipe-online` take its 2 sequences a step, `recipe-batch4` 4; the others
-keep the 8 they were measured with:
+`recipe`, `recipe-lr*` and `recipe-online*` take its 2 sequences a step, `recipe-batch4` 4; the others
+keep the 8 they were measured with, and each keeps the rate it was measured with:
 
 - `prior`: teacher-prior rule, one learning rate for heads and MLPs, zero heads (the recipe before the
   levers); `prior-mlp-lr`: MLPs at 0.05 x the heads' rate; `recipe`: configs/demo_cpu.yaml as it is (adds
@@ -29,9 +29,11 @@ keep the 8 they were measured with:
   `recipe-lowest`, `recipe-N10-lowest`: the lowest-char-loss rule at the recipe's rates, N = 5 and 10;
   `recipe-tau3`: the teacher prior at tau 3 instead of 10; `recipe-warm64k`: the warm start on 64K positions;
   `recipe-batch4`, `recipe-batch8`: the recipe at 4 or 8 sequences a step instead of 2, so 1/2 or 1/4 the
-  steps on the same tokens; `recipe-lr4e-3`: the recipe (2 a step) with heads and MLPs at 4e-3;
+  steps on the same tokens; `recipe-lr2e-3`, `recipe-lr8e-3`: the recipe (2 a step) with heads and MLPs
+  at 2e-3 or 8e-3 instead of 4e-3; `recipe-lr8e-3-mlp4e-3`: heads at 8e-3, MLPs at 4e-3;
 - `recipe-online`: the recipe with the teacher computed in the training step (`teacher: online`, the
-  shards' top-5 ignored), `recipe-online-batch8` the same at 8 sequences a step; `recipe-kl_full`: that
+  shards' top-5 ignored), `recipe-online-lr2e-3` the same at 2e-3 and `recipe-online-batch8` at 8
+  sequences a step (and 2e-3), as their curves were measured; `recipe-kl_full`: that
   with the `kl_full` regulariser (KL over the teacher's whole distribution) in place of the top-5 `kl6`.
 
 Columns (fractions of held-out positions; definitions in spellm_ds/metrics.py): exact match with one of
@@ -77,9 +79,11 @@ from spellm_ds.config import load_config  # noqa: E402
 from spellm_ds.errors import SpellmError  # noqa: E402
 
 # Variants as run-config overrides on top of configs/demo_cpu.yaml (whose own settings are the recipe).
-# Variants without a batch of their own (`recipe`, `recipe-lr4e-3`, `recipe-online`) take the recipe's 2;
-# the others were measured when the recipe took 8 and keep that batch, so their figures stay reproducible.
-BATCH8 = ["batch.train=8", "batch.micro=4"]
+# Each variant pins the rate and the batch it was measured with where they differ from the recipe's, so its
+# recorded figure reproduces whatever demo_cpu.yaml says later. BATCH8: heads and MLPs at 2e-3, 8 sequences
+# a step (the recipe of the first measurements); LR2E3: the 2e-3 of the first runs at 2 a step.
+LR2E3 = "optim.lr=0.002"
+BATCH8 = [LR2E3, "batch.train=8", "batch.micro=4"]
 BASE_RECIPE = ["optim.mlp_lr_scale=1.0", "warm_start.positions=0"]  # one rate, heads start at zero
 RECIPE = ["model.trainable_layers=5", "loss.selection=teacher_prior"]  # demo_cpu.yaml as it is
 MLP_1E4 = "optim.mlp_lr_scale=0.05"  # the MLPs at 1e-4, the demo's rate before it became the heads' rate
@@ -106,7 +110,7 @@ VARIANTS = {
     "recipe-mlp2e-3-reg20": [*RECIPE, "optim.mlp_lr_scale=1.0", "loss.reg_weight=20", *BATCH8],
     "recipe-mlp5e-3-reg20": [*RECIPE, "optim.mlp_lr_scale=2.5", "loss.reg_weight=20", *BATCH8],
     # The heads' rate (MLPs kept at 2e-3) and the depth trained (demo_cpu.yaml: 2e-3, the last 5 layers):
-    "recipe-heads5e-3": [*RECIPE, "optim.lr=0.005", "optim.mlp_lr_scale=0.4", *BATCH8],
+    "recipe-heads5e-3": [*RECIPE, *BATCH8, "optim.lr=0.005", "optim.mlp_lr_scale=0.4"],
     "recipe-N10": ["model.trainable_layers=10", "loss.selection=teacher_prior", *BATCH8],
     # The selection rule at the recipe's rates: the paper's lowest-char-loss rule (with N = 5 and 10), and
     # the teacher prior with a smaller tau (closer to the lowest-loss rule; demo_cpu.yaml: tau 10).
@@ -116,13 +120,18 @@ VARIANTS = {
     # The warm start fitted on twice the positions (demo_cpu.yaml: 32K).
     "recipe-warm64k": [*RECIPE, "warm_start.positions=65536", *BATCH8],
     # Sequences per optimizer step (demo_cpu.yaml: 2) on the same tokens: 4 and 8 take 1/2 and 1/4 the steps.
-    "recipe-batch4": [*RECIPE, "batch.train=4", "batch.micro=2"],
+    "recipe-batch4": [*RECIPE, LR2E3, "batch.train=4", "batch.micro=2"],
     "recipe-batch8": [*RECIPE, *BATCH8],
-    "recipe-lr4e-3": [*RECIPE, "optim.lr=0.004"],  # heads and MLPs at 4e-3 (demo_cpu.yaml: 2e-3), 2 a step
+    # The rate at 2 a step (demo_cpu.yaml: heads and MLPs at 4e-3): 2e-3 and 8e-3 for both, 8e-3 heads with
+    # 4e-3 MLPs.
+    "recipe-lr2e-3": [*RECIPE, LR2E3],
+    "recipe-lr8e-3": [*RECIPE, "optim.lr=0.008"],
+    "recipe-lr8e-3-mlp4e-3": [*RECIPE, "optim.lr=0.008", "optim.mlp_lr_scale=0.5"],
     # The teacher computed in the training step (spellm_ds.teacher): the recipe with its top-5 regulariser
     # (at the recipe's batch, and at 8 sequences a step as its first curve was measured), and with the
     # full-distribution one only the online teacher can give.
     "recipe-online": [*RECIPE, "teacher=online"],
+    "recipe-online-lr2e-3": [*RECIPE, LR2E3, "teacher=online"],
     "recipe-online-batch8": [*RECIPE, "teacher=online", *BATCH8],
     "recipe-kl_full": [*RECIPE, "teacher=online", "loss.regularizer=kl_full", *BATCH8],
 }

@@ -86,3 +86,20 @@ def test_a_variant_batch_is_the_run_config_batch_with_its_overrides():
     assert fidelity.variant_batch(str(config), 2, "recipe-batch4") == 4
     assert fidelity.variant_batch(str(config), 2, "recipe-batch8") == 8
     assert fidelity.variant_batch(str(config), 2, "recipe-tau3") == 8  # measured at 8, kept there
+
+
+def test_a_variant_keeps_the_rate_it_was_measured_with():
+    # Measured at 2e-3 (the recipe's rate then) or at a rate of their own, whatever the YAML says now.
+    config = Path(__file__).resolve().parents[1] / "configs" / "demo_cpu.yaml"
+    measured = {
+        "recipe-batch8": (0.002, 1.0),
+        "recipe-tau3": (0.002, 1.0),
+        "recipe-heads5e-3": (0.005, 0.4),
+        "recipe-mlp1e-4": (0.002, 0.05),
+        "recipe-lr2e-3": (0.002, 1.0),
+        "recipe-online-lr2e-3": (0.002, 1.0),
+        "recipe-lr8e-3-mlp4e-3": (0.008, 0.5),
+    }
+    for name, (lr, mlp_scale) in measured.items():
+        optim = fidelity.load_config(str(config), fidelity.VARIANTS[name]).optim
+        assert (optim.lr, optim.mlp_lr_scale) == (lr, mlp_scale), name
