@@ -42,9 +42,9 @@ teacher's top-5 for token t+1 (index 0 is the teacher's top-1; shards store them
   teacher top-1" (ties count one half; the Mann-Whitney statistic); `..._top5` likewise for "not exact or
   prefix of any top-5".
 - `by_length`: by the spelled length of the teacher's top-1 (1..k, `>k` truncated, `unk` unspellable),
-  with count, share, `exact_top1` and `exact_or_prefix_top5` (with AutoCorrect),
-  `exact_or_prefix_top5_strict` (without) and `char_acc`; `by_entropy`: by bins of H, with count, share
-  and the three token-level figures; `by_teacher_confidence` (when the cases carry the teacher's top-1
+  with count, share, `exact_top1_autocorrect`, `exact_or_prefix_top5` (strict, without AutoCorrect),
+  `exact_or_prefix_top5_autocorrect` and `char_acc` (each key as at the top level); `by_entropy`: by
+  bins of H, with count, share and the three token-level figures; `by_teacher_confidence` (when the cases carry the teacher's top-1
   probability): by bins of that probability, with the same figures and `share_of_strict_misses`, the
   bin's part of all positions whose strict top-5 match fails.
 """
@@ -288,10 +288,10 @@ def summarize(
                 on_fb_a, cases["fallback_top5_approximate"], cases["exact_or_prefix_top5_autocorrect"]
             ).mean()
         )
-    flags = {
-        "exact_top1": cases["exact_top1_autocorrect"],
-        "exact_or_prefix_top5": cases["exact_or_prefix_top5_autocorrect"],
-        "exact_or_prefix_top5_strict": cases["exact_or_prefix_top5"],
+    flags = {  # the bins' keys mean what the same keys mean at the top level
+        "exact_top1_autocorrect": cases["exact_top1_autocorrect"],
+        "exact_or_prefix_top5": cases["exact_or_prefix_top5"],
+        "exact_or_prefix_top5_autocorrect": cases["exact_or_prefix_top5_autocorrect"],
     }
     length = cases["top1_length"]
     len_key = np.where(length < 0, k + 1, np.minimum(length, k + 1) - 1)  # 0..k-1, k = ">k", k+1 = unk
