@@ -44,9 +44,9 @@ teacher's top-5 for token t+1 (index 0 is the teacher's top-1; shards store them
 - `by_length`: by the spelled length of the teacher's top-1 (1..k, `>k` truncated, `unk` unspellable),
   with count, share, `exact_top1_autocorrect`, `exact_or_prefix_top5` (strict, without AutoCorrect),
   `exact_or_prefix_top5_autocorrect` and `char_acc` (each key as at the top level); `by_entropy`: by
-  bins of H, with count, share and the three token-level figures; `by_teacher_confidence` (when the cases carry the teacher's top-1
-  probability): by bins of that probability, with the same figures and `share_of_strict_misses`, the
-  bin's part of all positions whose strict top-5 match fails.
+  bins of H, with count, share and the three token-level figures; `by_teacher_confidence` (when the
+  cases carry the teacher's top-1 probability): by bins of that probability, with the same figures and
+  `share_of_strict_misses`, the bin's part of all positions whose strict top-5 match fails.
 """
 
 from __future__ import annotations
