@@ -99,7 +99,7 @@ VARIANTS = {
     "N5-lowest": ["model.trainable_layers=5", "loss.selection=lowest", *BASE_RECIPE, *BATCH8],
     "N5-prior": [*RECIPE, *BASE_RECIPE, *BATCH8],
     "N1-prior": ["model.trainable_layers=1", "loss.selection=teacher_prior", *BASE_RECIPE, *BATCH8],
-    # The MLPs' rate (demo_cpu.yaml: 1.0 x the heads' 2e-3), with the regulariser's weight (demo_cpu.yaml: 5)
+    # The MLPs' rate (demo_cpu.yaml: 1.0 x the heads'), with the regulariser's weight (demo_cpu.yaml: 5)
     # and the selection rule beside the old rate of 1e-4, as those were measured:
     "recipe-mlp1e-4": [*RECIPE, MLP_1E4, *BATCH8],
     "recipe-mlp1e-4-reg1": [*RECIPE, MLP_1E4, "loss.reg_weight=1", *BATCH8],
@@ -109,7 +109,7 @@ VARIANTS = {
     "recipe-mlp2e-3": [*RECIPE, "optim.mlp_lr_scale=1.0", *BATCH8],
     "recipe-mlp2e-3-reg20": [*RECIPE, "optim.mlp_lr_scale=1.0", "loss.reg_weight=20", *BATCH8],
     "recipe-mlp5e-3-reg20": [*RECIPE, "optim.mlp_lr_scale=2.5", "loss.reg_weight=20", *BATCH8],
-    # The heads' rate (MLPs kept at 2e-3) and the depth trained (demo_cpu.yaml: 2e-3, the last 5 layers):
+    # The heads' rate (MLPs kept at 2e-3) and the depth trained (demo_cpu.yaml: the last 5 layers):
     "recipe-heads5e-3": [*RECIPE, *BATCH8, "optim.lr=0.005", "optim.mlp_lr_scale=0.4"],
     "recipe-N10": ["model.trainable_layers=10", "loss.selection=teacher_prior", *BATCH8],
     # The selection rule at the recipe's rates: the paper's lowest-char-loss rule (with N = 5 and 10), and
