@@ -197,6 +197,11 @@ def default_threshold_grid(num_chars: int) -> np.ndarray:
     return np.unique(np.round(grid, 3))
 
 
+# The per-position figures each bin of by_length / by_entropy / by_teacher_confidence averages, under the
+# same keys as at the top level.
+BIN_FIGURES = ("exact_top1_autocorrect", "exact_or_prefix_top5", "exact_or_prefix_top5_autocorrect")
+
+
 def _bucket_stats(
     keys: np.ndarray, labels: list[str], flags: dict[str, np.ndarray]
 ) -> dict[str, dict[str, float]]:
@@ -288,11 +293,7 @@ def summarize(
                 on_fb_a, cases["fallback_top5_approximate"], cases["exact_or_prefix_top5_autocorrect"]
             ).mean()
         )
-    flags = {  # the bins' keys mean what the same keys mean at the top level
-        "exact_top1_autocorrect": cases["exact_top1_autocorrect"],
-        "exact_or_prefix_top5": cases["exact_or_prefix_top5"],
-        "exact_or_prefix_top5_autocorrect": cases["exact_or_prefix_top5_autocorrect"],
-    }
+    flags = {key: cases[key] for key in BIN_FIGURES}
     length = cases["top1_length"]
     len_key = np.where(length < 0, k + 1, np.minimum(length, k + 1) - 1)  # 0..k-1, k = ">k", k+1 = unk
     len_labels = [str(i + 1) for i in range(k)] + [f">{k}", "unk"]
