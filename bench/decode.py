@@ -28,7 +28,7 @@ lookup + AutoCorrect. The char heads are a least-squares probe of the base model
 (there is no trained checkpoint of that size here), so SpeLLM generates the same tokens through exact
 lookups: the timing is of the real decode path, not of a distilled model's quality.
 
-Rows at the calibrated fallback rate R (`--fallback-rate`, default 0.627: the demo's calibration at 99%
+Rows at the calibrated fallback rate R (`--fallback-rate`, default 0.613: the demo's calibration at 99%
 top-1 agreement on SmolLM2-135M; pass the rate your own `spellm-ds eval --calibrate` reported): SpeLLM
 falls back on a share R of the steps, spread evenly (step i when floor((i+1)·R) > floor(i·R)), once with
 the approximate fallback (lm_head on the student's hidden state) and once with the exact one (the last N
@@ -54,7 +54,7 @@ reports its counters. `--num-layers` overrides the shape's layer count (quick ch
 
     .venv/bin/python bench/decode.py [--batches 1 8 64] [--reps 5] [--threads N]
     .venv/bin/python bench/decode.py --full-model [--shape smollm2-135m] [--new-tokens 32] [--reps 3]
-        [--fallback-rate 0.627] [--trainable-layers 5] [--device cuda]
+        [--fallback-rate 0.613] [--trainable-layers 5] [--device cuda]
 
 Threads: one intra-op thread by default, for both sides. On a small machine shared with other jobs, two
 threads make small ops (the lookup, the AutoCorrect gather) wait for a descheduled sibling thread and
@@ -277,7 +277,7 @@ SHAPES: dict[str, dict[str, object]] = {
 }
 # The demo's calibrated rate on SmolLM2-135M at 99% top-1 agreement: 78.0% (heads fitted on 8K positions),
 # 74.5% with the 32K-position warm start, 65.4% with the MLPs at the heads' rate, 62.7% at 2 sequences a step.
-DEMO_FALLBACK_RATE = 0.627
+DEMO_FALLBACK_RATE = 0.613
 
 
 def fallback_schedule(steps: int, rate: float) -> list[bool]:

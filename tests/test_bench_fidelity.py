@@ -86,6 +86,7 @@ def test_a_variant_batch_is_the_run_config_batch_with_its_overrides():
     assert fidelity.variant_batch(str(config), 2, "recipe-batch4") == 4
     assert fidelity.variant_batch(str(config), 2, "recipe-batch8") == 8
     assert fidelity.variant_batch(str(config), 2, "recipe-tau3") == 8  # measured at 8, kept there
+    assert fidelity.variant_batch(str(config), 2, "recipe-tau3-batch2") == 2
 
 
 def test_a_variant_keeps_the_rate_it_was_measured_with():
@@ -99,6 +100,8 @@ def test_a_variant_keeps_the_rate_it_was_measured_with():
         "recipe-lr2e-3": (0.002, 1.0),
         "recipe-online-lr2e-3": (0.002, 1.0),
         "recipe-lr8e-3-mlp4e-3": (0.008, 0.5),
+        "recipe-N10-batch2": (0.004, 1.0),
+        "recipe-tau3-batch2": (0.004, 1.0),
     }
     for name, (lr, mlp_scale) in measured.items():
         optim = fidelity.load_config(str(config), fidelity.VARIANTS[name]).optim
