@@ -5,8 +5,8 @@
     .venv/bin/python bench/fidelity.py --budget demo --variants recipe recipe-batch8
                                                          # the demo's budget: 640 sequences of 256 tokens
     .venv/bin/python bench/fidelity.py --sequences 5120 --curve 4   # any budget, metrics at 4 points
-    .venv/bin/python bench/fidelity.py --budget demo --sequences 1920 --curve 3 --variants recipe-online
-                                                         # a curve without a teacher pass over its data,
+    .venv/bin/python bench/fidelity.py --budget demo --sequences 3840 --curve 3 --variants recipe-online
+                                                         # the recorded curve, no teacher pass over its data,
                                                          # scored on the demo's 64 held-out sequences
     .venv/bin/python bench/fidelity.py --teacher toy ...       # the self-trained demo teacher
 
