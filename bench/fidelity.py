@@ -131,7 +131,7 @@ VARIANTS = {
     "recipe-lr8e-3-mlp4e-3": [*RECIPE, "optim.lr=0.008", "optim.mlp_lr_scale=0.5"],
     # The two levers that gained most at 8 a step, retried at the recipe's 2 a step and 4e-3: the MLPs of
     # the last 10 layers, and the teacher prior at tau 3.
-    "recipe-N10-batch2": [*RECIPE, LR4E3, "model.trainable_layers=10"],
+    "recipe-N10-batch2": ["model.trainable_layers=10", "loss.selection=teacher_prior", LR4E3],
     "recipe-tau3-batch2": [*RECIPE, LR4E3, "loss.tau=3"],
     # The teacher computed in the training step (spellm_ds.teacher): the recipe with its top-5 regulariser
     # (at the recipe's batch, and at 8 sequences a step as its first curve was measured), and with the
