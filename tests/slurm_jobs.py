@@ -116,6 +116,7 @@ def train_overrides(run_dir: Path, tiny_llama: Path, dataset: Path, changes: dic
         "eval.interval": 0,
         "log_interval": 1,
         "schedule.warmup_steps": 2,
+        "warm_start.positions": 0,
         **(changes or {}),
     }
     return " ".join(f"{key}={value}" for key, value in values.items())

@@ -55,7 +55,9 @@ def test_minimal_config_gets_documented_defaults(tmp_path):
     assert isinstance(cfg, TrainConfig)
     assert cfg.model.trainable_layers == 5 and cfg.model.k == 10 and cfg.model.charset is None
     assert (
-        cfg.checkpoint.resume == "auto" and cfg.loss.selection == "lowest" and cfg.loss.regularizer == "kl6"
+        cfg.checkpoint.resume == "auto"
+        and cfg.loss.selection == "teacher_prior"
+        and cfg.loss.regularizer == "kl6"
     )
     assert cfg.checkpoint_dir == Path("runs/x/checkpoints")
     assert cfg.tensorboard_dir == Path("runs/x/tensorboard")
@@ -133,7 +135,7 @@ def test_range_problems_of_a_complete_config_include_cross_field_checks(tmp_path
         load_config(_write(tmp_path, data))
     assert _problems(exc) == [
         "schedule.warmup_steps=50 exceeds max_steps=10",
-        "schedule.min_lr=1.0 exceeds optim.lr=0.0001",
+        "schedule.min_lr=1.0 exceeds optim.lr=0.004",
         "eval.interval > 0 needs data.eval (held-out shards); set eval.interval=0 to disable",
     ]
 
@@ -227,7 +229,7 @@ def test_preflight_accepts_a_consistent_setup(tmp_path, tiny_llama, model_hash):
     assert pre.train_index["totals"]["samples"] == 2
     filled = fill_ds_config(pre.ds_config, cfg, pre)
     assert filled["train_batch_size"] == 8 and filled["gradient_accumulation_steps"] == 2
-    assert filled["train_micro_batch_size_per_gpu"] == 2 and filled["optimizer"]["params"]["lr"] == 1e-4
+    assert filled["train_micro_batch_size_per_gpu"] == 2 and filled["optimizer"]["params"]["lr"] == 4e-3
     assert filled["optimizer"]["params"]["torch_adam"] is True  # kept from the JSON
     assert filled["bf16"]["enabled"] is False and filled["gradient_clipping"] == 1.0
     assert set(DS_OWNED_KEYS) >= {"train_batch_size", "optimizer.params.lr"}
@@ -355,6 +357,64 @@ def test_shipped_recipes_load_and_open_with_their_command(name, world, accum):
     cfg = load_config(path)
     assert cfg.batch.resolve(world)[1] == accum
     assert (REPO_ROOT / cfg.deepspeed).is_file()
+
+
+# The measured recipe, written out here as the demo's measurements chose it (examples/README.md's table):
+# the teacher-prior rule at tau 10, kl6 at weight 5, heads and MLPs at one rate of 4e-3, and a warm
+# start of the heads on 32K positions with 60 L-BFGS iterations at L2 1e-4.
+MEASURED = {
+    "loss.selection": "teacher_prior",
+    "loss.tau": 10.0,
+    "loss.regularizer": "kl6",
+    "loss.reg_weight": 5.0,
+    "warm_start.positions": 32768,
+    "warm_start.iters": 60,
+    "warm_start.l2": 1e-4,
+    "optim.lr": 4e-3,
+    "optim.mlp_lr_scale": 1.0,
+}
+
+
+def test_run_config_defaults_are_the_measured_recipe(tmp_path):
+    from spellm_ds.config import RECIPE_POLICY, recipe_deviations
+
+    assert RECIPE_POLICY == MEASURED
+    assert recipe_deviations(load_config(_write(tmp_path, MINIMAL))) == {}
+    changed = load_config(_write(tmp_path, MINIMAL), ["loss.tau=3", "warm_start.positions=0"])
+    assert recipe_deviations(changed) == {"loss.tau": (3.0, 10.0), "warm_start.positions": (0, 32768)}
+
+
+def _line_comment(text: str, key: str) -> str:
+    """The comment on the YAML line of dotted `key` (section then field), '' when none."""
+    section, name = key.split(".")
+    in_section = False
+    for line in text.splitlines():
+        if not line.startswith(" "):
+            in_section = line.split("#")[0].strip() == f"{section}:"
+        elif in_section and line.strip().startswith(f"{name}:"):
+            return line.split("#", 1)[1].strip() if "#" in line else ""
+    return ""
+
+
+@pytest.mark.parametrize("name", ["tiny_cpu", "demo_cpu", "llama3_8b", "llama3_70b"])
+def test_shipped_recipes_follow_the_measured_policy(name):
+    from spellm_ds.config import recipe_deviations
+
+    path = REPO_ROOT / "configs" / f"{name}.yaml"
+    text = path.read_text(encoding="utf-8")
+    cfg = load_config(path)
+    for key, (value, want) in recipe_deviations(cfg).items():
+        comment = _line_comment(text, key)
+        assert comment.startswith("scale:") and len(comment) > len("scale: ") + 20, (
+            f"{path.name}: {key}={value} deviates from the measured {want} without a `# scale:` reason"
+        )
+
+
+def test_line_comment_finds_the_field_of_its_own_section():
+    text = "optim:\n  lr: 0.1   # scale: a reason\nloss:\n  lr: 3\n"
+    assert _line_comment(text, "optim.lr") == "scale: a reason"
+    assert _line_comment(text, "loss.lr") == ""
+    assert _line_comment(text, "warm_start.lr") == ""
 
 
 def _leaves(obj, path=""):

@@ -72,6 +72,7 @@ def write_config(path: Path, *, model: Path, train: Path, held: Path, run_dir: P
         "optim": {"lr": 0.01, "betas": [0.9, 0.95], "weight_decay": 0.0, "grad_clip": 1.0},
         "schedule": {"warmup_steps": 0, "min_lr": 0.0},
         "loss": {"selection": "lowest", "regularizer": "kl6", "reg_weight": 0.1, "reg_chunk": 32},
+        "warm_start": {"positions": 0},  # zero heads at step 0: these runs test mechanics, not fidelity
         "eval": {"interval": 7, "batches": 2, "text_samples": 1},
         "checkpoint": {"interval": 4, "keep_latest_k": 2, "resume": "auto"},
     }
