@@ -333,6 +333,13 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--calibrate", action="store_true", help="write the threshold into spellm_config.json")
     p.add_argument("--tb-dir", default=None, metavar="DIR", help="also write TensorBoard scalars here")
     p.add_argument("--target", type=float, default=0.99, help="top-1 agreement to reach (default 0.99)")
+    p.add_argument(
+        "--calibration-fraction",
+        type=float,
+        default=0.5,
+        help="share of the held-out samples that choose the threshold; its figures are read on the others "
+        "(default 0.5)",
+    )
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--max-samples", type=int, default=None)
     p.add_argument("--base-model", default=None, metavar="DIR", help="base model of a delta export")
@@ -366,8 +373,14 @@ def _run_eval(args: argparse.Namespace) -> int:
         base_model=args.base_model,
         trust_remote_code=args.trust_remote_code,
         fallback=args.fallback,
+        calibration_fraction=args.calibration_fraction,
     )
-    print(f"positions {res['positions']} ({res['samples']} samples), {res['fallback']} fallback")
+    print(
+        f"positions {res['positions']} ({res['samples']} samples), {res['fallback']} fallback; thresholds "
+        f"chosen on {res['calibration_positions']} calibration positions, read on the other "
+        f"{res['report_positions']} (report)"
+    )
+    parts = {"threshold": "calibration", "threshold_approximate": "calibration"}
     keys = (*JSON_KEYS, "exact_top1_autocorrect", "fallback_top1", "auroc_entropy_error_top1")
     if res["fallback"] != "approximate":
         keys += (
@@ -378,14 +391,18 @@ def _run_eval(args: argparse.Namespace) -> int:
         )
     for key in keys:
         val = res[key]
-        print(f"  {key:<42} {'n/a' if val is None else f'{val:.4f}'}")
+        base = key.removesuffix("_approximate")
+        part = parts.get(
+            key, "report" if base in ("fallback_rate", "agreement_top1_with_fallback") else "all"
+        )
+        print(f"  {key:<42} {'n/a' if val is None else f'{val:.4f}':>8}  [{part}]")
     reached = "reached" if res["target_reached"] else "NOT reached"
-    print(f"  target top-1 agreement {res['target']} {reached}; plot {res['plot']}")
+    print(f"  target top-1 agreement {res['target']} {reached} on the report part; plot {res['plot']}")
     if args.calibrate:
         rate = 100 * res["fallback_rate"]
         print(
-            f"  threshold {res['threshold']:.4g} ({res['fallback']} fallback, {rate:.1f}% of positions fall "
-            f"back) written to {args.model}/spellm_config.json"
+            f"  threshold {res['threshold']:.4g} ({res['fallback']} fallback, {rate:.1f}% of report "
+            f"positions fall back) written to {args.model}/spellm_config.json"
         )
     return 0
 

@@ -1,7 +1,9 @@
 """Generation side by side: a SpeLLM export's greedy continuations against its teacher's.
 
 Prompts are token-id prefixes of held-out shard samples (sample i's first `prompt_tokens` ids, so both
-models read exactly the same ids), plus optional text prompts shown in full. The teacher generates with
+models read exactly the same ids), plus optional text prompts shown in full. When the export's threshold
+was calibrated on these shards, the samples that chose it are left out, so the `with_fallback` figures
+come from samples the threshold never saw (`prompt_samples` says which were used). The teacher generates with
 plain transformers `generate` (greedy, KV cache); the student with `SpeLLMForCausalLM.generate`, once per
 fallback setting: `no_fallback` (char path + AutoCorrect only) and `with_fallback` (the export's threshold,
 as calibrated). Both stop at the generation config's end tokens; a continuation is compared up to and
@@ -108,21 +110,43 @@ def student_greedy(
     return out, counters
 
 
-def shard_prompts(shards: str | os.PathLike, count: int, prompt_tokens: int) -> list[list[int]]:
-    """The first `prompt_tokens` ids of the first `count` samples of a shard dataset."""
+def shard_prompts(
+    shards: str | os.PathLike, count: int, prompt_tokens: int, skip: np.ndarray | None = None
+) -> list[list[int]]:
+    """The first `prompt_tokens` ids of the first `count` samples of a shard dataset, less `skip`'s.
+
+    `skip` (a boolean per sample in shard order) leaves out the samples that chose the threshold."""
     from spellm_ds.shards import iter_shard, read_index
 
     location = Path(shards)
     index = read_index(location)
     prompts: list[list[int]] = []
+    seen = 0
     for entry in index["shards"]:
         for sample in iter_shard(location / entry["name"]):
+            skipped = skip is not None and seen < len(skip) and bool(skip[seen])
+            seen += 1
+            if skipped:
+                continue
             prompts.append([int(t) for t in np.asarray(sample["input_ids"])[:prompt_tokens]])
             if len(prompts) == count:
                 return prompts
-    if len(prompts) < count:
-        raise SpellmError(f"{location}: {len(prompts)} samples, fewer than the {count} prompts asked for")
-    return prompts
+    left_out = "" if skip is None else f" outside the {int(np.sum(skip))} that calibrated the threshold"
+    raise SpellmError(
+        f"{location}: {len(prompts)} samples{left_out}, fewer than the {count} prompts asked for"
+    )
+
+
+def calibration_skip(spellm_config: dict[str, Any], shards: str | os.PathLike) -> np.ndarray | None:
+    """The samples of `shards` that chose the export's threshold (None when it was calibrated elsewhere)."""
+    from spellm_ds.metrics import calibration_samples
+
+    cal = spellm_config.get("calibration") or {}
+    if "calibration_fraction" not in cal or not cal.get("shards"):
+        return None
+    if Path(cal["shards"]).resolve() != Path(shards).resolve():
+        return None
+    return calibration_samples(int(cal["samples"]), float(cal["calibration_fraction"]))
 
 
 def compare_generation(
@@ -156,7 +180,11 @@ def compare_generation(
     settings = {"no_fallback": None, "with_fallback": student.threshold}
     result: dict[str, Any] = {"threshold": student.threshold, "new_tokens": new_tokens, "settings": {}}
     if shards is not None:
-        ids = shard_prompts(shards, prompts, prompt_tokens)
+        skip = calibration_skip(student.spellm_config, shards)
+        ids = shard_prompts(shards, prompts, prompt_tokens, skip)
+        result["prompt_samples"] = (
+            "report part (the calibration samples left out)" if skip is not None else "all"
+        )
         ref = [cut_at_end(t, end_ids) for t in teacher_greedy(teacher, ids, new_tokens, pad, batch_size)]
         for name, threshold in settings.items():
             got, counters = student_greedy(student, ids, new_tokens, pad, batch_size, threshold)

@@ -1,7 +1,10 @@
 """Intrinsic evaluation of an exported SpeLLM model on held-out teacher shards, and threshold calibration.
 
 The per-position cases come from the model here; the metrics and the calibration rule are defined in
-`spellm_ds.metrics`.
+`spellm_ds.metrics`. The held-out samples are split by their order in the shards (`calibration_fraction`,
+default half, evenly spread): the threshold is chosen on the calibration samples' positions and every
+figure at it is read on the report samples' positions (`FIGURE_PARTS`); the JSON lists both sample sets
+under `split` and counts `calibration_positions` and `report_positions`.
 
 Outputs: the metrics dict (and `--json`); `curve`: on a grid of τ, `fallback_rate` (the same for both
 kinds: it depends on H alone), `agreement_top1` (the `fallback` kind), `agreement_top1_approximate` and,
@@ -26,7 +29,19 @@ from torch import Tensor
 
 from spellm_ds.errors import SpellmError
 from spellm_ds.jsonio import write_json
-from spellm_ds.metrics import match_flags, summarize
+from spellm_ds.metrics import calibration_samples, match_flags, summarize
+
+# Which positions each figure of the result is read on: the threshold is chosen on the calibration
+# part, what it costs and gains is read on the report part, and the rest does not depend on it.
+FIGURE_PARTS = {
+    "threshold": "calibration",
+    "fallback_rate": "report",
+    "agreement_top1_with_fallback": "report",
+    "exact_or_prefix_top5_with_fallback": "report",
+    "target_reached": "report",
+    "calibration_part": "calibration (in-sample, for comparison)",
+    "other figures": "all positions",
+}
 
 # ---------------------------------------------------------------------------------------------------------
 # Model-side: per-position cases from a batch
@@ -153,10 +168,12 @@ def evaluate(
     trust_remote_code: bool = False,
     progress: bool = True,
     fallback: str | None = None,
+    calibration_fraction: float = 0.5,
 ) -> dict[str, Any]:
     """Evaluate an export directory on held-out shards; write JSON, PNG, TensorBoard and calibration.
 
-    `fallback`: the kind to evaluate and calibrate (None: the one the export loads with by default)."""
+    `fallback`: the kind to evaluate and calibrate (None: the one the export loads with by default).
+    `calibration_fraction`: the share of samples whose positions choose the threshold (see `FIGURE_PARTS`)."""
     from tqdm import tqdm
 
     from spellm_ds.inference import SpeLLMForCausalLM
@@ -190,6 +207,8 @@ def evaluate(
     if max_samples is not None:
         total = min(total, max_samples)
     parts: dict[str, list[np.ndarray]] = {}
+    samples_of: list[np.ndarray] = []  # per position, the sample's number in shard order
+    seen = 0
     bar = tqdm(total=total, desc="eval", unit="sample", disable=not progress)
     for batch in _iter_batches(location, index, batch_size, max_samples):
         ids = _stack(batch, "input_ids", torch.long).to(model.device)
@@ -201,15 +220,36 @@ def evaluate(
         lps = _stack(batch, "topk_logprobs", torch.float32).to(model.device)
         for key, arr in position_cases(model, ids, topk, mask, topk_logprobs=lps).items():
             parts.setdefault(key, []).append(arr)
+        counts = mask.sum(1).cpu().numpy()
+        samples_of.append(np.repeat(np.arange(seen, seen + len(batch)), counts))
+        seen += len(batch)
         bar.update(len(batch))
     bar.close()
     if not parts:
         raise SpellmError(f"{location}: no samples to evaluate")
     cases = {key: np.concatenate(v) for key, v in parts.items()}
+    if seen < 2:
+        raise SpellmError(
+            f"{location}: {seen} held-out sample; the threshold is chosen on some samples and reported on "
+            "others, so eval needs at least 2"
+        )
+    cal_samples = calibration_samples(seen, calibration_fraction)
     res = summarize(
-        cases, k=model.table.k, num_chars=model.table.charset.size, target=target, fallback=model.fallback
+        cases,
+        k=model.table.k,
+        num_chars=model.table.charset.size,
+        target=target,
+        fallback=model.fallback,
+        calibration=cal_samples[np.concatenate(samples_of)],
     )
     res["samples"] = total
+    res["split"] = {
+        "rule": "sample i (shard order) calibrates when floor((i+1)f) > floor(i f)",
+        "fraction": calibration_fraction,
+        "calibration_samples": np.flatnonzero(cal_samples).tolist(),
+        "report_samples": np.flatnonzero(~cal_samples).tolist(),
+        "parts": FIGURE_PARTS,
+    }
     res["model"] = str(Path(model_dir).resolve())
     res["shards"] = str(location)
     res["step"] = model.spellm_config.get("step")
@@ -358,6 +398,10 @@ def write_threshold(model_dir: str | os.PathLike, res: dict[str, Any], shards: P
             "calibration": {
                 "shards": str(shards),
                 "positions": res["positions"],
+                "calibration_positions": res["calibration_positions"],
+                "report_positions": res["report_positions"],
+                "samples": res["samples"],
+                "calibration_fraction": res["split"]["fraction"],
                 "fallback": kind,
                 "target": res["target"],
                 "target_reached": res["target_reached"],

@@ -34,6 +34,12 @@ teacher's top-5 for token t+1 (index 0 is the teacher's top-1; shards store them
   when no τ reaches it, the τ of the highest agreement (`target_reached: false`). Negative τ means
   "always fall back". `fallback_rate` and `agreement_top1_with_fallback` are at that τ; all of these use
   the `fallback` kind.
+- calibration split (`summarize(..., calibration=mask)`, what `spellm_ds.evaluate` always does): τ is
+  chosen on the `calibration_positions` alone, and `fallback_rate`, `agreement_top1_with_fallback`,
+  `target_reached` and `exact_or_prefix_top5_with_fallback` are read on the other `report_positions`, so
+  they measure positions the choice never saw; `calibration_part` holds the same figures in-sample, for
+  comparison. The figures that do not depend on τ use all positions. Without a mask both parts are
+  all positions (in-sample). `calibration_samples` splits samples evenly by their order.
 - the approximate fallback always, beside them: `fallback_top1_approximate`, `fallback_top5_approximate`,
   `threshold_approximate`, `fallback_rate_approximate`, `agreement_top1_with_fallback_approximate`,
   `target_reached_approximate`, `exact_or_prefix_top5_with_fallback_approximate` (equal to the
@@ -175,6 +181,36 @@ def calibrate_threshold(
     }
 
 
+def at_threshold(
+    cases: dict[str, np.ndarray],
+    part: np.ndarray,
+    threshold: float,
+    fallback_correct: np.ndarray,
+    fallback_top5: np.ndarray,
+    target: float,
+) -> dict[str, Any]:
+    """Fallback rate, top-1 agreement and top-5 match of the positions in `part` at a given threshold."""
+    entropy = cases["entropy"][part]
+    on_fb = entropy > threshold
+    char_ok = cases["exact_top1_autocorrect"][part]
+    agree = float(np.where(on_fb, fallback_correct[part], char_ok).mean())
+    top5 = np.where(on_fb, fallback_top5[part], cases["exact_or_prefix_top5_autocorrect"][part])
+    return {
+        "fallback_rate": float(on_fb.mean()),
+        "agreement_top1_with_fallback": agree,
+        "target_reached": bool(agree >= target - 1e-12),
+        "exact_or_prefix_top5_with_fallback": float(top5.mean()),
+    }
+
+
+def calibration_samples(num_samples: int, fraction: float = 0.5) -> np.ndarray:
+    """Which samples calibrate (True) and which report (False): `fraction` of them, evenly spread."""
+    if not 0 < fraction < 1:
+        raise SpellmError(f"calibration fraction must be in (0, 1), got {fraction}")
+    i = np.arange(num_samples, dtype=np.float64)
+    return np.floor((i + 1) * fraction + 1e-9) > np.floor(i * fraction + 1e-9)
+
+
 def curve_at(
     entropy: np.ndarray, char_correct: np.ndarray, fallback_correct: np.ndarray, thresholds: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -236,11 +272,14 @@ def summarize(
     entropy_bins: tuple[float, ...] = DEFAULT_ENTROPY_BINS,
     confidence_bins: tuple[float, ...] = DEFAULT_CONFIDENCE_BINS,
     fallback: str = "approximate",
+    calibration: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """All metrics from per-position arrays (the keys `position_cases` returns).
 
     `fallback` names the kind of `cases["fallback_top1"]`; `fallback_top1_approximate` (when given) adds
-    the approximate figures beside them."""
+    the approximate figures beside them. `calibration` (a boolean mask over positions) splits them: the
+    thresholds are chosen on the masked-in part and every figure at a threshold is read on the rest;
+    None chooses and reads them on all positions (in-sample)."""
     n = len(cases["entropy"])
     if n == 0:
         raise SpellmError("no masked-in positions to evaluate")
@@ -271,28 +310,37 @@ def summarize(
     res["mean_head_entropy"] = mean("entropy")
     char_ok = cases["exact_top1_autocorrect"]
     fb_ok = cases["fallback_top1"]
-    cal = calibrate_threshold(cases["entropy"], char_ok, fb_ok, target)
-    res.update(cal)
     res["auroc_entropy_error_top1"] = auroc(cases["entropy"], ~char_ok)
     res["auroc_entropy_error_top5"] = auroc(cases["entropy"], ~cases["exact_or_prefix_top5_autocorrect"])
-    # Top-5 match with fallback at the chosen threshold: char path below, fallback token above.
-    on_fb = cases["entropy"] > cal["threshold"]
-    res["exact_or_prefix_top5_with_fallback"] = float(
-        np.where(on_fb, cases["fallback_top5"], cases["exact_or_prefix_top5_autocorrect"]).mean()
-    )
+    cal_part = np.ones(n, dtype=bool) if calibration is None else np.asarray(calibration, dtype=bool)
+    if cal_part.shape != (n,):
+        raise SpellmError(f"calibration mask has shape {cal_part.shape}, expected ({n},)")
+    rep_part = cal_part if calibration is None else ~cal_part
+    if not cal_part.any() or not rep_part.any():
+        raise SpellmError(
+            f"the calibration split leaves {int(cal_part.sum())} calibration and {int(rep_part.sum())} "
+            "report positions; both parts need some (evaluate more held-out samples)"
+        )
+    res["calibration_positions"] = int(cal_part.sum())
+    res["report_positions"] = int(rep_part.sum())
+    kinds = [("", fb_ok, cases["fallback_top5"])]
     approx_ok = cases.get("fallback_top1_approximate")
     if approx_ok is not None:
         res["fallback_top1_approximate"] = mean("fallback_top1_approximate")
         res["fallback_top5_approximate"] = mean("fallback_top5_approximate")
-        cal_a = calibrate_threshold(cases["entropy"], char_ok, approx_ok, target)
-        for key in ("threshold", "fallback_rate", "agreement_top1_with_fallback", "target_reached"):
-            res[f"{key}_approximate"] = cal_a[key]
-        on_fb_a = cases["entropy"] > cal_a["threshold"]
-        res["exact_or_prefix_top5_with_fallback_approximate"] = float(
-            np.where(
-                on_fb_a, cases["fallback_top5_approximate"], cases["exact_or_prefix_top5_autocorrect"]
-            ).mean()
-        )
+        kinds.append(("_approximate", approx_ok, cases["fallback_top5_approximate"]))
+    for suffix, ok, top5 in kinds:
+        # The threshold comes from the calibration part; its costs and gains are read on the report part.
+        threshold = calibrate_threshold(cases["entropy"][cal_part], char_ok[cal_part], ok[cal_part], target)
+        res[f"threshold{suffix}"] = threshold["threshold"]
+        report = at_threshold(cases, rep_part, threshold["threshold"], ok, top5, target)
+        for key, value in report.items():
+            res[f"{key}{suffix}"] = value
+        if calibration is not None:
+            res[f"calibration_part{suffix}"] = at_threshold(
+                cases, cal_part, threshold["threshold"], ok, top5, target
+            )
+    res["target"] = float(target)
     flags = {key: cases[key] for key in BIN_FIGURES}
     length = cases["top1_length"]
     len_key = np.where(length < 0, k + 1, np.minimum(length, k + 1) - 1)  # 0..k-1, k = ">k", k+1 = unk

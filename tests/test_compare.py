@@ -83,3 +83,19 @@ def test_compare_cli_always_fallback_equals_teacher_generate(
         text = tok.decode(teacher.generate(ids, max_new_tokens=5, do_sample=False)[0, ids.shape[1] :])
     (sample,) = res["samples"]
     assert sample["teacher"] == text == sample["with_fallback"]
+
+
+def test_prompts_leave_out_the_samples_that_chose_the_threshold(shards):  # noqa: F811
+    from spellm_ds.compare import calibration_skip, shard_prompts
+
+    loc, batch, _ = shards
+    # An export calibrated on these 6 shards at fraction 0.5: samples 1, 3, 5 chose its threshold.
+    config = {"calibration": {"shards": str(loc), "samples": 6, "calibration_fraction": 0.5}}
+    skip = calibration_skip(config, loc)
+    assert skip.tolist() == [False, True, False, True, False, True]
+    prompts = shard_prompts(loc, 3, 5, skip)
+    assert prompts == [batch[i, :5].tolist() for i in (0, 2, 4)]
+    assert calibration_skip(config, loc.parent) is None  # calibrated on other shards: every sample
+    assert calibration_skip({"calibration": {"shards": str(loc)}}, loc) is None  # an older export
+    with pytest.raises(SpellmError, match="outside the 3 that calibrated"):
+        shard_prompts(loc, 4, 5, skip)

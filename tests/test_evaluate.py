@@ -26,6 +26,7 @@ from spellm_ds.metrics import (
     JSON_KEYS,
     auroc,
     calibrate_threshold,
+    calibration_samples,
     curve_at,
     match_flags,
     summarize,
@@ -76,6 +77,58 @@ def test_threshold_sweep_and_calibration_by_hand():
     agree, rate = curve_at(ENT, CHAR_OK, FB_OK, np.array([0.05, 0.2, 1.0]))
     assert agree.tolist() == pytest.approx([0.8, 0.6, 0.6])
     assert rate.tolist() == pytest.approx([0.8, 0.4, 0.0])
+
+
+def test_calibration_samples_are_evenly_spread_by_hand():
+    assert calibration_samples(6, 0.5).tolist() == [False, True, False, True, False, True]
+    # f = 0.4: floor(0.4 i) steps up after i = 2 and i = 4
+    assert calibration_samples(5, 0.4).tolist() == [False, False, True, False, True]
+    for bad in (0.0, 1.0, -0.5):
+        with pytest.raises(SpellmError, match="calibration fraction"):
+            calibration_samples(4, bad)
+
+
+def _threshold_cases(entropy, char_ok):
+    n = len(entropy)
+    ones = np.ones(n, dtype=bool)
+    return dict(
+        entropy=np.asarray(entropy, dtype=np.float64),
+        miss=~ones,
+        exact_top1=np.asarray(char_ok, dtype=bool),
+        exact_top5=ones,
+        exact_or_prefix_top1=ones,
+        exact_or_prefix_top5=ones,
+        any_prefix_top5=ones,
+        exact_top1_autocorrect=np.asarray(char_ok, dtype=bool),
+        exact_top5_autocorrect=ones,
+        exact_or_prefix_top5_autocorrect=ones,
+        any_prefix_top5_autocorrect=ones,
+        fallback_top1=ones,
+        fallback_top5=ones,
+        char_ok=np.ones((n, 2), dtype=bool),
+        head_valid=ones,
+        top1_length=np.ones(n, dtype=np.int64),
+    )
+
+
+def test_summarize_chooses_the_threshold_on_one_part_and_reads_it_on_the_other():
+    cases = _threshold_cases([0.0, 0.1, 0.2, 0.0, 0.1, 0.2], [1, 1, 0, 1, 0, 1])
+    split = np.array([1, 1, 1, 0, 0, 0], dtype=bool)
+    res = summarize(cases, k=2, num_chars=10, target=0.99, calibration=split)
+    # Calibration part: only the char miss at 0.2 must fall back, so τ = 0.1 (the largest that reaches 99%).
+    assert res["threshold"] == pytest.approx(0.1)
+    assert res["calibration_positions"] == 3 and res["report_positions"] == 3
+    # Report part at τ = 0.1: 0.0 right on the char path, 0.1 wrong on the char path, 0.2 falls back (right).
+    assert res["fallback_rate"] == pytest.approx(1 / 3)
+    assert res["agreement_top1_with_fallback"] == pytest.approx(2 / 3) and not res["target_reached"]
+    assert res["calibration_part"]["agreement_top1_with_fallback"] == 1.0
+    assert res["calibration_part"]["fallback_rate"] == pytest.approx(1 / 3)
+    # In-sample on all six: both misses (0.1 and 0.2) must fall back, so τ = 0.0 and 4 of 6 fall back.
+    whole = summarize(cases, k=2, num_chars=10, target=0.99)
+    assert whole["threshold"] == 0.0 and whole["fallback_rate"] == pytest.approx(4 / 6)
+    assert whole["agreement_top1_with_fallback"] == 1.0 and whole["calibration_positions"] == 6
+    with pytest.raises(SpellmError, match="calibration split"):
+        summarize(cases, k=2, num_chars=10, calibration=np.ones(6, dtype=bool))
 
 
 def _flags(surfaces, k, pred_texts, pred_tokens, topk):
@@ -324,6 +377,9 @@ def test_eval_cli_end_to_end(export_dir, shards, tiny_llama, tmp_path, capsys):
     for key in JSON_KEYS:
         assert key in res
     assert res["positions"] == SAMPLES * SEQ_LEN and res["samples"] == SAMPLES
+    # Samples 1, 3, 5 choose the threshold; 0, 2, 4 report what it costs.
+    assert res["split"]["calibration_samples"] == [1, 3, 5] and res["split"]["report_samples"] == [0, 2, 4]
+    assert res["calibration_positions"] == res["report_positions"] == SAMPLES // 2 * SEQ_LEN
     # The fallback is the teacher's own head on the same hidden state: it always agrees with top-1.
     assert res["fallback_top1"] == 1.0 and res["target_reached"]
     assert res["agreement_top1_with_fallback"] >= 0.95
