@@ -222,8 +222,10 @@ def train(cfg: TrainConfig) -> int:
     try:
         state = _restore(run, resume)
         _log_start(run, state, resume)
-        if state.step == 0 and cfg.warm_start.positions:
+        if state.step == 0 and resume is None and cfg.warm_start.positions:
             _warm_start(run)
+        if state.step == 0 and cfg.checkpoint.save_at_start:
+            _save(run, state)  # the starting point (warm-started heads) that training is measured against
         while state.step < cfg.max_steps:
             if _any_rank(run, stop.signum != 0):
                 _save(run, state)
