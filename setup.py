@@ -21,7 +21,6 @@ setup(
         "transformers>=4.45",
         "accelerate>=1.1.0",
         "webdataset>=0.2.100",
-        "mpi4py>=3.1",
         "tensorboard>=2.15",
         "zstandard>=0.22",
         "safetensors>=0.4",
