@@ -73,11 +73,18 @@ class DataConfig(Section):
     """DataLoader worker processes per rank (0 reads in the training process)."""
     skip_corrupt: bool = False
     """Skip and count corrupt samples instead of stopping with an error naming shard and key."""
+    read_retries: int = 5
+    """Remote shards (``pipe:``, http(s)): failed reads in a row retried, with a doubling backoff, before
+    the run stops with an error naming the shard."""
+    read_timeout_s: float = 60.0
+    """Remote shards: a read that receives no byte for this long counts as a failed attempt."""
 
     def problems(self) -> list[str]:
         p: list[str] = []
         positive(p, "data.seq_len", self.seq_len)
         positive(p, "data.num_workers", self.num_workers, allow_zero=True)
+        positive(p, "data.read_retries", self.read_retries, allow_zero=True)
+        positive(p, "data.read_timeout_s", self.read_timeout_s)
         return p
 
 

@@ -361,6 +361,8 @@ def _make_loader(
         partial=not train,
         equal_steps=True,
         skip_corrupt=cfg.data.skip_corrupt,
+        read_retries=cfg.data.read_retries,
+        read_timeout_s=cfg.data.read_timeout_s,
         tokenizer_hash=pre.tokenizer_hash,
         seq_len=cfg.data.seq_len,
     )

@@ -127,9 +127,22 @@ def test_bad_teacher_inputs_raise_clear_errors(tmp_path):
 # A shortened demo: every stage once at tiny sizes (2 steps of 4 sequences of 64 tokens on 2 ranks).
 DEMO_STEPS, DEMO_BATCH, DEMO_SEQ, DEMO_TRAIN, DEMO_HELD, DEMO_PROMPTS = 2, 4, 64, 32, 8, 2
 STAGES = ("teacher", "shards-train", "shards-heldout", "train", "export", "eval", "compare")
+# The real teacher's short run: one pass over its own 96 sequences, scored on 16 held-out ones.
+REAL_STEPS, REAL_HELD = 24, 16
+# Measured at this seed: strict top-5 0.357 -> 0.534 and char accuracy 0.739 -> 0.791 over the step-0 export.
+REAL_MARGINS = {"exact_or_prefix_top5": 0.08, "char_acc": 0.025}
 
 
-def _run_demo(out: Path, kind: str = "toy") -> dict:
+def _run_demo(
+    out: Path,
+    kind: str = "toy",
+    *,
+    steps: int = DEMO_STEPS,
+    train: int = DEMO_TRAIN,
+    held: int = DEMO_HELD,
+    extra: tuple[str, ...] = (),
+    overrides: tuple[str, ...] = (),
+) -> dict:
     if kind == "toy":
         teacher_flags = {**TINY, "limit_docs": 12}
     else:  # the real teacher: only its held-out perplexity is shortened
@@ -140,9 +153,10 @@ def _run_demo(out: Path, kind: str = "toy") -> dict:
         "--seq-len",
         str(DEMO_SEQ),
         "--train-samples",
-        str(DEMO_TRAIN),
+        str(train),
         "--heldout-samples",
-        str(DEMO_HELD),
+        str(held),
+        *extra,
     ]
     cmd += [
         "--samples-per-shard",
@@ -157,12 +171,13 @@ def _run_demo(out: Path, kind: str = "toy") -> dict:
         "6",
     ]
     cmd += [
-        f"max_steps={DEMO_STEPS}",
+        f"max_steps={steps}",
         "batch.micro=2",
         f"batch.train={DEMO_BATCH}",
         "model.trainable_layers=1",
     ]
     cmd += ["schedule.warmup_steps=0", "eval.interval=1", "eval.batches=1", "checkpoint.interval=1"]
+    cmd += list(overrides)
     proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "spellm-ds demo report" in proc.stdout
@@ -272,8 +287,20 @@ def test_short_demo_on_the_real_teacher(tmp_path):
         smollm2_gguf()
     except SpellmError as exc:
         pytest.skip(str(exc))
-    report = _run_demo(tmp_path / "demo", kind="smollm2")
-    assert list(report["stages"]) == list(STAGES)
+    report = _run_demo(
+        tmp_path / "demo",
+        kind="smollm2",
+        steps=REAL_STEPS,
+        train=REAL_STEPS * DEMO_BATCH,
+        held=REAL_HELD,
+        extra=("--eval-start",),
+        overrides=(
+            f"eval.interval={REAL_STEPS}",
+            f"checkpoint.interval={REAL_STEPS}",
+            "warm_start.positions=2048",
+        ),
+    )
+    assert list(report["stages"]) == [*STAGES[:-1], "export-start", "eval-start", "compare"]
     teacher = report["teacher"]
     assert teacher["name"] == "SmolLM2-135M-Instruct" and teacher["params"] > 1e8
     # A pretrained model on English technical prose: a perplexity far below a random model's 49,152.
@@ -285,6 +312,13 @@ def test_short_demo_on_the_real_teacher(tmp_path):
     plain = AutoModelForCausalLM.from_pretrained(str(export))
     assert plain.config.num_hidden_layers == 30
     assert plain.lm_head.weight.data_ptr() == plain.model.embed_tokens.weight.data_ptr()
+    # Training must have taught the heads something beyond their warm start: the same eval of the step-0
+    # export (the warm-started heads, before any step) scores clearly lower. A recipe change that broke
+    # learning (a wrong rate, rule or loss) fails here; the margins hold with room at this seed.
+    start = report["start"]
+    for key, margin in REAL_MARGINS.items():
+        assert report[key] >= start[key] + margin, (key, start[key], report[key])
+    assert report["calibration_positions"] + report["report_positions"] == REAL_HELD * DEMO_SEQ
 
 
 def test_stage_sources_name_existing_files():
