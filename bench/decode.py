@@ -28,9 +28,10 @@ lookup + AutoCorrect. The char heads are a least-squares probe of the base model
 (there is no trained checkpoint of that size here), so SpeLLM generates the same tokens through exact
 lookups: the timing is of the real decode path, not of a distilled model's quality.
 
-Rows at the calibrated fallback rate R (`--fallback-rate`, default 0.613: the demo's calibration at 99%
-top-1 agreement on SmolLM2-135M; pass the rate your own `spellm-ds eval --calibrate` reported): SpeLLM
-falls back on a share R of the steps, spread evenly (step i when floor((i+1)·R) > floor(i·R)), once with
+Rows at the calibrated fallback rate R (`--fallback-rate`, default `DEMO_FALLBACK_RATE`: the demo's
+calibrated fallback rate for 99% top-1 agreement on SmolLM2-135M, as docs/RESULTS.md records it under
+`demo: fallback_rate`; pass the rate your own `spellm-ds eval --calibrate` reported): SpeLLM falls back on
+a share R of the steps, spread evenly (step i when floor((i+1)·R) > floor(i·R)), once with
 the approximate fallback (lm_head on the student's hidden state) and once with the exact one (the last N
 layers, `--trainable-layers`, default 5, rerun with their original MLPs over the positions since the
 previous fallback, on their own N-layer KV cache, then lm_head: `spellm_ds.inference`). Here the original
@@ -54,11 +55,13 @@ reports its counters. `--num-layers` overrides the shape's layer count (quick ch
 
     .venv/bin/python bench/decode.py [--batches 1 8 64] [--reps 5] [--threads N]
     .venv/bin/python bench/decode.py --full-model [--shape smollm2-135m] [--new-tokens 32] [--reps 3]
-        [--fallback-rate 0.613] [--trainable-layers 5] [--device cuda]
+        [--fallback-rate R] [--trainable-layers 5] [--device cuda]
 
 Threads: one intra-op thread by default, for both sides. On a small machine shared with other jobs, two
 threads make small ops (the lookup, the AutoCorrect gather) wait for a descheduled sibling thread and
-their times jump tenfold; `--threads N` measures another setting. The last stdout line is one JSON object.
+their times jump; `--threads N` measures another setting. The last stdout line is one JSON object;
+`--save [NAME]` also writes it to bench/results/NAME.json for docs/RESULTS.md (default NAME: decode, or
+decode-full-model with `--full-model`).
 """
 
 from __future__ import annotations
@@ -69,9 +72,11 @@ import copy
 import json
 import math
 import statistics
+import sys
 import time
 from collections.abc import Callable, Iterator
 from fractions import Fraction
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -82,6 +87,9 @@ from spellm_ds.charset import CharTable
 from spellm_ds.export_format import PAPER_THRESHOLD
 from spellm_ds.inference import SpeLLMForCausalLM
 from spellm_ds.tail import cache_kwarg, returned_cache
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import record
 
 V, K = 128_256, 10
 
@@ -275,9 +283,9 @@ SHAPES: dict[str, dict[str, object]] = {
         "rms_norm_eps": 1e-5,
     },
 }
-# The demo's calibrated rate on SmolLM2-135M at 99% top-1 agreement: 78.0% (heads fitted on 8K positions),
-# 74.5% with the 32K-position warm start, 65.4% with the MLPs at the heads' rate, 62.7% at 2 sequences a step,
-# 61.3% with heads and MLPs at 4e-3.
+# The default of `--fallback-rate`: the demo's calibrated fallback rate (the exact fallback's share of
+# positions for 99% top-1 agreement on SmolLM2-135M), as docs/RESULTS.md records it under
+# `demo: fallback_rate`. Update it when the demo is re-measured.
 DEMO_FALLBACK_RATE = 0.613
 
 
@@ -594,8 +602,8 @@ def bench_full_model(
     return res
 
 
-def main() -> None:
-    """Parse arguments, run the chosen part, print one JSON line last."""
+def build_parser(full_model: bool = False) -> argparse.ArgumentParser:
+    """The command line of the decode benchmark (`--save` names decode-full-model when `full_model`)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 64])
     ap.add_argument("--reps", type=int, default=None, help="repetitions (default 5; 3 with --full-model)")
@@ -612,14 +620,28 @@ def main() -> None:
         "--fallback-rate",
         type=float,
         default=DEMO_FALLBACK_RATE,
-        help=f"part 2: share of steps falling back in the rate rows (default {DEMO_FALLBACK_RATE})",
+        help=(
+            f"part 2: share of steps falling back in the rate rows (default {DEMO_FALLBACK_RATE}: the demo's "
+            "calibrated fallback rate, as docs/RESULTS.md records it under `demo: fallback_rate`)"
+        ),
     )
     ap.add_argument("--num-layers", type=int, default=None, help="part 2: override the shape's layer count")
-    args = ap.parse_args()
+    record.add_save_flag(ap, "decode-full-model" if full_model else "decode")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse arguments, run the chosen part, print one JSON line last."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--full-model", action="store_true")
+    ap = build_parser(full_model=pre.parse_known_args(argv)[0].full_model)
+    args = ap.parse_args(argv)
     if not 0.0 <= args.fallback_rate <= 1.0:
         ap.error(f"--fallback-rate must be in [0, 1], got {args.fallback_rate}")
     if args.new_tokens < 2:
         ap.error("--new-tokens must be at least 2 (the first step is not timed)")
+    if args.save and not args.save.replace("-", "").replace("_", "").isalnum():
+        ap.error(f"--save {args.save!r}: use letters, digits, '-' and '_' only")
     reps = args.reps if args.reps is not None else (3 if args.full_model else 5)
     torch.set_num_threads(args.threads)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
@@ -636,8 +658,14 @@ def main() -> None:
                 num_layers=args.num_layers,
             )
         }
+        what = (
+            f"time per generated token, SpeLLM vs the base's greedy decode, {args.shape}-shaped model, "
+            f"batch 1, fallback at rate {args.fallback_rate}"
+        )
     else:
         res = {"decode_step": bench_heads(args.batches, reps, dtype, args.device)}
+        what = "the decode step alone at the Llama-3-8B output shape: SpeLLM heads vs lm_head"
+    record.save(args.save, {"what": what, **res})
     print(json.dumps(res))
 
 

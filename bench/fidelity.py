@@ -50,7 +50,11 @@ with AutoCorrect 0.976): measured where the curve reaches it, else a straight li
 its last three points, printed with its slope per doubling. When every variant is online
 (`--variants recipe-online`), the training shards are built token-only (`build-shards --no-teacher`), so a
 long curve pays no teacher pass over its data. The teacher is prepared first if it is not cached. The last
-line is one JSON object with every figure.
+line is one JSON object with every figure; `--save [NAME]` also writes it to bench/results/NAME.json
+(default NAME: fidelity), with each variant's row keyed by its name, for docs/RESULTS.md. The recorded
+figures are there: `fidelity-demo-budget` (the variants at `--budget demo`), `fidelity-budget-curve`
+(`recipe-online*` on longer budgets), `fidelity-small-budget` (the default run) and `fidelity-toy-teacher`
+(the N and selection-rule comparison on the self-trained teacher).
 """
 
 from __future__ import annotations
@@ -79,10 +83,16 @@ from examples.pipeline import StageRunner  # noqa: E402
 from spellm_ds.config import load_config  # noqa: E402
 from spellm_ds.errors import SpellmError  # noqa: E402
 
+sys.path.insert(0, str(REPO / "bench"))
+import record  # noqa: E402
+
 # Variants as run-config overrides on top of configs/demo_cpu.yaml (whose own settings are the recipe).
 # Each variant pins the rate and the batch it was measured with where they differ from the recipe's, so its
 # recorded figure reproduces whatever demo_cpu.yaml says later. BATCH8: heads and MLPs at 2e-3, 8 sequences
 # a step (the recipe of the first measurements); LR2E3: the 2e-3 of the first runs at 2 a step.
+# A variant's figures: docs/RESULTS.md, `fidelity-demo-budget: variants.<name>` (at `--budget demo`),
+# `fidelity-budget-curve: variants.<name>` (the recipe-online* curves) and `fidelity-toy-teacher:
+# variants.<name>` (N0, N5-lowest, N5-prior, N1-prior on the self-trained teacher).
 LR2E3 = "optim.lr=0.002"
 LR4E3 = "optim.lr=0.004"  # the recipe's rate since it moved from 2e-3, pinned by the variants measured at it
 BATCH8 = [LR2E3, "batch.train=8", "batch.micro=4"]
@@ -129,13 +139,14 @@ VARIANTS = {
     "recipe-lr2e-3": [*RECIPE, LR2E3],
     "recipe-lr8e-3": [*RECIPE, "optim.lr=0.008"],
     "recipe-lr8e-3-mlp4e-3": [*RECIPE, "optim.lr=0.008", "optim.mlp_lr_scale=0.5"],
-    # The two levers that gained most at 8 a step, retried at the recipe's 2 a step and 4e-3: the MLPs of
-    # the last 10 layers, and the teacher prior at tau 3.
+    # recipe-N10 and recipe-tau3 (the two levers that gained most strict top-5 at 8 a step, see
+    # fidelity-demo-budget: variants.recipe-N10, variants.recipe-tau3) retried at the recipe's 2 a step and
+    # 4e-3.
     "recipe-N10-batch2": ["model.trainable_layers=10", "loss.selection=teacher_prior", LR4E3],
     "recipe-tau3-batch2": [*RECIPE, LR4E3, "loss.tau=3"],
     # The teacher computed in the training step (spellm_ds.teacher): the recipe with its top-5 regulariser
-    # (at the recipe's batch, and at 8 sequences a step as its first curve was measured), and with the
-    # full-distribution one only the online teacher can give.
+    # (at the recipe's batch, at the earlier 2e-3 and at 8 sequences a step as its curves were measured:
+    # fidelity-budget-curve), and with the full-distribution one only the online teacher can give.
     "recipe-online": [*RECIPE, "teacher=online"],
     "recipe-online-lr2e-3": [*RECIPE, LR2E3, "teacher=online"],
     "recipe-online-batch8": [*RECIPE, "teacher=online", *BATCH8],
@@ -312,8 +323,29 @@ def _fmt(v: Any) -> str:
     return f"{v:.4f}" if isinstance(v, int | float) and not isinstance(v, bool) else "-"
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the chosen variants on one budget and print the table and a final JSON line."""
+def tokens_label(tokens: int) -> str:
+    """A curve point's key: its training tokens in thousands (327,680 -> "328K")."""
+    return f"{round(tokens / 1000)}K"
+
+
+def saved_figures(result: dict[str, Any], what: str) -> dict[str, Any]:
+    """The final JSON as a record's figures: `what`, then each variant's row (curve, budget) by name."""
+    variants = {}
+    for row in result["variants"]:
+        entry = {k: v for k, v in row.items() if k not in ("variant", "curve", "budget")}
+        if row.get("curve"):
+            entry["curve"] = {tokens_label(c["tokens"]): c for c in row["curve"]}
+        if row.get("budget"):
+            entry["budget"] = {
+                f"{b['key']}>={b['target']}": {k: v for k, v in b.items() if k not in ("key", "target")}
+                for b in row["budget"]
+            }
+        variants[row["variant"]] = entry
+    return {"what": what, **{k: v for k, v in result.items() if k != "variants"}, "variants": variants}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of the fidelity benchmark."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--budget", choices=sorted(BUDGETS), default="small")
     p.add_argument(
@@ -331,7 +363,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--teacher-arg", action="append", default=[], help="extra flag of the teacher's module")
     p.add_argument("--quiet", action="store_true", help="stage output to the logs only")
+    record.add_save_flag(p, "fidelity")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the chosen variants on one budget and print the table and a final JSON line."""
+    p = build_parser()
     args = p.parse_args(argv)
+    if args.save and not args.save.replace("-", "").replace("_", "").isalnum():
+        p.error(f"--save {args.save!r}: use letters, digits, '-' and '_' only")  # before hours of training
     sequences, held = BUDGETS[args.budget]
     sequences = args.sequences or sequences
     held = args.heldout_samples or held
@@ -378,6 +419,9 @@ def main(argv: list[str] | None = None) -> int:
         "variants": rows,
         "seconds": time.perf_counter() - t0,
     }
+    names = ", ".join(args.variants) if len(args.variants) <= 4 else f"{len(args.variants)} variants"
+    what = f"distillation fidelity, {args.teacher} teacher, {sequences} training sequences each: {names}"
+    record.save(args.save, saved_figures(result, what))
     print(json.dumps(result))
     return 0
 

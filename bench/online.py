@@ -1,6 +1,6 @@
 """Offline vs online teacher, end to end: the same model, tokens and steps, wall time and fidelity of each.
 
-    .venv/bin/python bench/online.py                                # tiny random teacher, 6 steps (~3 min)
+    .venv/bin/python bench/online.py                                # tiny random teacher, 3 steps
     .venv/bin/python bench/online.py --teacher smollm2 --budget demo  # SmolLM2-135M, 80 steps x 8 x 256
                                                                       # tokens (configs/demo_cpu.yaml)
 
@@ -10,13 +10,22 @@ sequences as token-only shards, then `spellm-ds train` with `teacher=online` com
 in the training step. Both train with configs/demo_cpu.yaml's recipe at 8 sequences a step (2-rank ZeRO-3
 under torchrun) on the same sequences in the same order, and both are exported and evaluated (`spellm-ds eval
 --calibrate`) on the same held-out teacher shards, built once beforehand and not part of either wall
-time. The two end-to-end wall times (shard build + training, every process start included) are
-measured here, one after the other, in this one run. `--regularizer kl_full` also trains the online
-variant with the full-distribution regulariser (a third, online, row).
+time. A mode's wall time is its shard build + training, every process start included (export and eval
+are not timed). `--regularizer kl_full` adds a third mode, online with the full-distribution
+regulariser.
+
+Each mode runs `--repeats` times, the modes alternating so that neither always goes first: the modes in
+order, then reversed, and so on (offline, online, online, offline, ... at two modes). Per mode the JSON
+gives every repeat's times and their min and median; `online_over_offline_wall_median` is the online
+mode's median wall time over the offline one's, `..._min` the same from the mins (a ratio below 1: online
+is faster end to end). Fidelity comes from every repeat's eval: with the fixed seed the repeats of a mode
+should agree exactly, which `fidelity_same_across_repeats` records (the values are given once; when
+repeats differ, each repeat's are given too).
 
 Teachers: `tiny` (default: a random 6-layer Llama on a locally trained tokenizer, made in seconds; its
 figures only show the mechanics), `toy` (the self-trained demo teacher) and `smollm2` (the real
-pretrained SmolLM2-135M, 30 layers, N=5). The last stdout line is one JSON object with every figure.
+pretrained SmolLM2-135M, 30 layers, N=5). The last stdout line is one JSON object with every figure;
+`--save` also writes it to bench/results/online.json.
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import sys
 import time
 from dataclasses import replace
@@ -43,6 +53,9 @@ from examples.pipeline import (  # noqa: E402
     torchrun,
 )
 from spellm_ds.errors import SpellmError  # noqa: E402
+
+sys.path.insert(0, str(REPO / "bench"))
+import record  # noqa: E402
 
 BATCH = 8  # sequences per optimizer step, set here (configs/demo_cpu.yaml takes 2; the figures took 8)
 # budget: (optimizer steps, held-out sequences scored, warm-start positions)
@@ -142,17 +155,54 @@ def run_mode(
     }
 
 
+def _shown(path: Path) -> str:
+    """`path` relative to the repository when inside it (results carry no machine-specific roots)."""
+    try:
+        return str(Path(path).resolve().relative_to(REPO))
+    except ValueError:
+        return str(path)
+
+
+def run_order(names: list[str], repeats: int) -> list[tuple[str, int]]:
+    """The (mode, repeat) runs in their order: the modes forward, then reversed, alternately."""
+    order: list[tuple[str, int]] = []
+    for r in range(repeats):
+        order.extend((name, r) for name in (names if r % 2 == 0 else names[::-1]))
+    return order
+
+
+def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """One mode's repeats: each repeat's times, their min and median, and its fidelity figures."""
+    out: dict[str, Any] = {}
+    for key in ("wall", "build", "train"):
+        values = [r[f"{key}_seconds"] for r in rows]
+        out[f"{key}_s_min"] = round(min(values), 1)
+        out[f"{key}_s_median"] = round(statistics.median(values), 1)
+        out[f"{key}_s"] = [round(v, 1) for v in values]
+    fidelity = {k: rows[0].get(k) for k in (*KEYS, "positions")}
+    same = all({k: r.get(k) for k in fidelity} == fidelity for r in rows[1:])
+    out["fidelity_same_across_repeats"] = same
+    out |= fidelity
+    if not same:
+        out["fidelity_per_repeat"] = {k: [r.get(k) for r in rows] for k in fidelity}
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run offline and online side by side; print a table and a final JSON line."""
+    """Run offline and online alternately, `--repeats` times each; print a table and a final JSON line."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--teacher", choices=["tiny", "toy", "smollm2"], default="tiny")
     p.add_argument("--budget", choices=sorted(BUDGETS), default=None, help="default: small (tiny: tiny)")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (overrides --budget)")
+    p.add_argument("--repeats", type=int, default=2, help="runs of every mode, alternating (default 2)")
     p.add_argument("--out", default="runs/demo", help="root shared with the demo (teacher, held-out shards)")
     p.add_argument("--regularizer", choices=["kl6", "kl_full"], action="append", default=None,
                    help="online regulariser(s) to run (default kl6; repeat for both)")  # fmt: skip
     p.add_argument("--quiet", action="store_true", help="stage output to the logs only")
+    record.add_save_flag(p, "online")
     args = p.parse_args(argv)
+    if args.repeats < 1:
+        p.error("--repeats must be >= 1")
     budget = args.budget or ("tiny" if args.teacher == "tiny" else "small")
     steps, held_n, warm = BUDGETS[budget]
     steps = args.steps or steps
@@ -199,47 +249,65 @@ def main(argv: list[str] | None = None) -> int:
             teacher, info, train_in, held_in = teacher_stage(runner, cfg, out)
             key = info.get("cache_key") or "user"
             held = shards_stage(runner, cfg, f"shards-heldout{cfg.shards_tag}", teacher, key, held_in, held_n)
-        rows = [run_mode("offline", teacher, train_in, held, cfg, root, ["teacher=offline"], False, cfg.echo)]
+        modes: dict[str, tuple[list[str], bool]] = {"offline": (["teacher=offline"], False)}
         for reg in regs:
             name = "online" if reg == "kl6" else f"online-{reg}"
-            over = ["teacher=online", f"loss.regularizer={reg}"]
-            rows.append(run_mode(name, teacher, train_in, held, cfg, root, over, True, cfg.echo))
+            modes[name] = (["teacher=online", f"loss.regularizer={reg}"], True)
+        runs: dict[str, list[dict[str, Any]]] = {name: [] for name in modes}
+        for name, rep in run_order(list(modes), args.repeats):
+            over, no_teacher = modes[name]
+            print(f"online bench: {name}, repeat {rep + 1}/{args.repeats}", flush=True)
+            row = run_mode(name, teacher, train_in, held, cfg, root, over, no_teacher, cfg.echo)
+            runs[name].append({**row, "repeat": rep + 1})
     except SpellmError as exc:
         print(f"online bench: error: {exc}", file=sys.stderr)
         return 2
-    off, on = rows[0], rows[1]
+    summary = {name: summarise(rows) for name, rows in runs.items()}
+    off_walls = [r["wall_seconds"] for r in runs["offline"]]
     tokens = steps * BATCH * cfg.seq_len
     print()
     print(
-        f"online bench: teacher {teacher}; {steps} steps x {BATCH * cfg.seq_len} tokens = {tokens:,} tokens"
+        f"online bench: teacher {teacher}; {steps} steps x {BATCH * cfg.seq_len} tokens = {tokens:,} tokens; "
+        f"{args.repeats} repeat(s) per mode, alternating"
     )
-    head = f"{'mode':<16}{'build s':>9}{'train s':>9}{'wall s':>9}" + "".join(f"{k[:14]:>16}" for k in KEYS)
+    head = f"{'mode':<16}{'rep':>4}{'build s':>9}{'train s':>9}{'wall s':>9}" + "".join(
+        f"{k[:14]:>16}" for k in KEYS
+    )
     print(head)
     print("-" * len(head))
-    for r in rows:
-        cells = "".join(f"{r[k]:>16.4f}" if isinstance(r[k], float) else f"{'-':>16}" for k in KEYS)
-        print(
-            f"{r['mode']:<16}{r['build_seconds']:>9.0f}{r['train_seconds']:>9.0f}{r['wall_seconds']:>9.0f}{cells}"
-        )
-    result = {
-        "bench": "online",
-        "teacher": {k: info.get(k) for k in ("path", "source", "heldout_ppl", "params")},
+    for name, rows in runs.items():
+        for r in rows:
+            cells = "".join(f"{r[k]:>16.4f}" if isinstance(r[k], float) else f"{'-':>16}" for k in KEYS)
+            times = f"{r['build_seconds']:>9.0f}{r['train_seconds']:>9.0f}{r['wall_seconds']:>9.0f}"
+            print(f"{name:<16}{r['repeat']:>4}{times}{cells}")
+    print()
+    result: dict[str, Any] = {
+        "what": "offline vs online teacher: end-to-end wall time (shard build + training) and fidelity",
+        "teacher": {k: info.get(k) for k in ("source", "heldout_ppl", "params")} | {"path": _shown(teacher)},
         "budget": budget,
         "steps": steps,
         "tokens": tokens,
         "heldout_samples": held_n,
-        "offline_wall_seconds": off["wall_seconds"],
-        "online_wall_seconds": on["wall_seconds"],
-        "online_over_offline_wall": on["wall_seconds"] / off["wall_seconds"],
-        "offline_build_seconds": off["build_seconds"],
-        "online_build_seconds": on["build_seconds"],
-        "offline_train_seconds": off["train_seconds"],
-        "online_train_seconds": on["train_seconds"],
-        "offline_exact_or_prefix_top5": off["exact_or_prefix_top5"],
-        "online_exact_or_prefix_top5": on["exact_or_prefix_top5"],
-        "modes": rows,
-        "seconds": time.perf_counter() - t0,
+        "repeats": args.repeats,
     }
+    for name, m in summary.items():
+        same = "identical" if m["fidelity_same_across_repeats"] else "DIFFERENT"
+        print(
+            f"{name:<16} wall min {m['wall_s_min']:.0f} s, median {m['wall_s_median']:.0f} s; "
+            f"fidelity {same} across repeats"
+        )
+        if name != "offline":
+            walls = [r["wall_seconds"] for r in runs[name]]
+            med = statistics.median(walls) / statistics.median(off_walls)
+            low = min(walls) / min(off_walls)
+            result[f"{name}_over_offline_wall_median"] = round(med, 4)
+            result[f"{name}_over_offline_wall_min"] = round(low, 4)
+            print(f"{'':<16} {name} / offline wall: {med:.3f} (medians), {low:.3f} (mins)")
+    for name, m in summary.items():
+        result[f"{name}_exact_or_prefix_top5"] = m["exact_or_prefix_top5"]
+    result["modes"] = summary
+    result["seconds"] = round(time.perf_counter() - t0, 1)
+    record.save(args.save, result)
     print(json.dumps(result))
     return 0
 

@@ -1,5 +1,6 @@
 """Pure helpers of the decode benchmark (`bench/decode.py`): the evenly spread fallback schedule of the
-rate rows, and the model shapes built from config, checked against the published parameter counts.
+rate rows, the model shapes built from config, checked against the published parameter counts, and the
+command line (`--save`'s record name, the default fallback rate and where its figure lives).
 
 Run alone: `.venv/bin/python -m pytest tests/test_bench_decode.py -q`
 """
@@ -56,3 +57,18 @@ def test_shapes_have_the_published_parameter_counts(shape, params):
         model = LlamaForCausalLM(LlamaConfig(**decode.SHAPES[shape], tie_word_embeddings=True))
     assert sum(p.numel() for p in model.parameters()) == params
     assert model.config.head_dim == 64
+
+
+def test_save_names_the_record_by_the_part_run():
+    assert decode.build_parser().parse_args([]).save is None
+    assert decode.build_parser().parse_args(["--save"]).save == "decode"
+    full = decode.build_parser(full_model=True).parse_args(["--full-model", "--save"])
+    assert full.save == "decode-full-model"
+    assert decode.build_parser().parse_args(["--save", "decode-bf16"]).save == "decode-bf16"
+
+
+def test_default_fallback_rate_is_the_demo_calibration_named_in_the_results():
+    assert 0.0 <= decode.DEMO_FALLBACK_RATE <= 1.0
+    action = next(a for a in decode.build_parser()._actions if a.dest == "fallback_rate")
+    assert action.default == decode.DEMO_FALLBACK_RATE
+    assert "docs/RESULTS.md" in action.help and "`demo: fallback_rate`" in action.help

@@ -1,6 +1,7 @@
 """Pure helpers of the fidelity benchmark (`bench/fidelity.py`): reading the budget a target needs off a
-metric-vs-tokens curve, measured where the curve reaches it and extrapolated (log-linearly) where not, and
-turning a budget of sequences into each variant's steps at its own batch.
+metric-vs-tokens curve, measured where the curve reaches it and extrapolated (log-linearly) where not,
+turning a budget of sequences into each variant's steps at its own batch, and the figures `--save` writes
+(each variant keyed by a name the bench has).
 
 Run alone: `.venv/bin/python -m pytest tests/test_bench_fidelity.py -q`
 """
@@ -8,6 +9,7 @@ Run alone: `.venv/bin/python -m pytest tests/test_bench_fidelity.py -q`
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -106,3 +108,36 @@ def test_a_variant_keeps_the_rate_it_was_measured_with():
     for name, (lr, mlp_scale) in measured.items():
         optim = fidelity.load_config(str(config), fidelity.VARIANTS[name]).optim
         assert (optim.lr, optim.mlp_lr_scale) == (lr, mlp_scale), name
+
+
+def test_save_names_the_record_fidelity_unless_told():
+    parser = fidelity.build_parser()
+    assert parser.parse_args([]).save is None
+    assert parser.parse_args(["--save"]).save == "fidelity"
+    assert parser.parse_args(["--budget", "demo", "--save", "fidelity-demo-budget"]).save == (
+        "fidelity-demo-budget"
+    )
+
+
+def test_saved_figures_key_each_variant_its_curve_and_its_budget():
+    curve = [{"step": 40, "tokens": 81920, KEY: 0.5}, {"step": 80, "tokens": 163840, KEY: 0.6}]
+    row = {"variant": "recipe", "batch": 2, KEY: 0.6, "curve": curve, "budget": fidelity.budget_table(curve)}
+    plain = {"variant": "prior", "batch": 8, KEY: 0.4, "curve": [], "budget": []}
+    result = {"bench": "fidelity", "sequences": 640, "variants": [row, plain], "seconds": 1.0}
+    figures = fidelity.saved_figures(result, "a test")
+    assert list(figures) == ["what", "bench", "sequences", "seconds", "variants"]
+    assert figures["what"] == "a test" and list(figures["variants"]) == ["recipe", "prior"]
+    recipe = figures["variants"]["recipe"]
+    assert recipe[KEY] == 0.6 and "variant" not in recipe
+    assert list(recipe["curve"]) == ["82K", "164K"] and recipe["curve"]["164K"]["step"] == 80
+    assert list(recipe["budget"]) == [f"{k}>={t}" for k, t in fidelity.TARGETS]
+    assert "curve" not in figures["variants"]["prior"] and "budget" not in figures["variants"]["prior"]
+    assert result["variants"][0] is row and row["curve"] is curve  # the printed JSON is left as it was
+
+
+def test_recorded_fidelity_results_name_only_variants_the_bench_has():
+    results = Path(__file__).resolve().parents[1] / "bench" / "results"
+    for path in sorted(results.glob("fidelity*.json")):
+        figures = json.loads(path.read_text(encoding="utf-8"))["figures"]
+        unknown = set(figures.get("variants", {})) - set(fidelity.VARIANTS)
+        assert not unknown, f"{path.name}: {sorted(unknown)} are no variants of bench/fidelity.py"
