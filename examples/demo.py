@@ -81,6 +81,7 @@ class DemoConfig:
     teacher_dir: str | None = None  # where the demo teacher lives (default: <out>/teacher)
     echo: bool = True  # stream each stage's output to the terminal
     eval_start: bool = False  # also export and score step 0 (the warm-started heads) as `start`
+    save: str | None = None  # also write the report's figures to bench/results/<save>.json
 
 
 TEXT_PROMPTS = (
@@ -501,6 +502,48 @@ def build_report(
     return report
 
 
+def report_figures(report: dict[str, Any]) -> dict[str, Any]:
+    """The figures of a report worth keeping as a result: eval keys, their parts, generation, stage times."""
+    ev = report["eval"]
+    keys = (
+        *EVAL_KEYS,
+        "exact_top1_autocorrect",
+        "exact_or_prefix_top5_with_fallback",
+        "auroc_entropy_error_top1",
+        "threshold_approximate",
+        "fallback_rate_approximate",
+        "agreement_top1_with_fallback_approximate",
+        "target_reached",
+        "positions",
+        "calibration_positions",
+        "report_positions",
+    )
+    figures: dict[str, Any] = {
+        "what": "make demo: SmolLM2-135M distilled on 2 CPU ranks, held-out figures",
+        **{k: ev.get(k) for k in keys if k in ev},
+        "calibration_part": ev.get("calibration_part"),
+    }
+    t = report["teacher"]
+    figures["teacher"] = {k: t[k] for k in ("name", "params", "heldout_ppl", "heldout_tokens") if k in t}
+    gen = report["generation"]
+    figures["generation"] = {
+        "prompts": next(iter(gen["settings"].values()))["prompts"] if gen.get("settings") else 0,
+        "prompt_tokens": gen.get("prompt_tokens"),
+        "new_tokens": gen.get("new_tokens"),
+        "prompt_samples": gen.get("prompt_samples"),
+        **{
+            name: {k: s[k] for k in ("agreement_tokens_mean", "agreement_share", "full_match")}
+            for name, s in gen.get("settings", {}).items()
+        },
+    }
+    figures["stages_seconds"] = {name: round(st["seconds"], 1) for name, st in report["stages"].items()}
+    train = report["stages"].get("train", {}).get("metrics", {})
+    figures["train"] = {k: train[k] for k in ("steps", "tokens") if k in train}
+    if report.get("start"):
+        figures["start"] = report["start"]
+    return figures
+
+
 def _met(value: Any, target: float) -> bool | None:
     return None if not isinstance(value, int | float) else value >= target
 
@@ -596,6 +639,14 @@ def _parse_args(argv: list[str] | None) -> DemoConfig:
     p.add_argument("--new-tokens", type=int, default=d.new_tokens)
     p.add_argument("--config", default=d.config, help="run config YAML for the training stage")
     p.add_argument(
+        "--save",
+        nargs="?",
+        const="demo",
+        default=None,
+        metavar="NAME",
+        help="also write the report's figures to bench/results/NAME.json (default NAME: demo)",
+    )
+    p.add_argument(
         "--eval-start",
         action="store_true",
         help="also export and score step 0 (the warm-started heads), reported as `start`",
@@ -623,6 +674,7 @@ def _parse_args(argv: list[str] | None) -> DemoConfig:
         prompt_tokens=a.prompt_tokens,
         new_tokens=a.new_tokens,
         eval_start=a.eval_start,
+        save=a.save,
     )
 
 
@@ -643,6 +695,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"demo: error: {exc}", file=sys.stderr)
         return 2
     print(format_report(report))
+    if cfg.save:
+        from bench import record
+
+        args = " ".join(argv if argv is not None else sys.argv[1:])
+        record.save(cfg.save, report_figures(report), command=f"make demo DEMO_ARGS='{args}'")
     return 0
 
 
