@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import itertools
+import json
 import math
 from fractions import Fraction
 from pathlib import Path
@@ -72,3 +73,6 @@ def test_default_fallback_rate_is_the_demo_calibration_named_in_the_results():
     action = next(a for a in decode.build_parser()._actions if a.dest == "fallback_rate")
     assert action.default == decode.DEMO_FALLBACK_RATE
     assert "docs/RESULTS.md" in action.help and "`demo: fallback_rate`" in action.help
+    # The constant is the recorded demo figure itself, so a re-measured demo cannot leave it stale.
+    demo = json.loads((_PATH.parent / "results" / "demo.json").read_text())
+    assert round(demo["figures"]["fallback_rate"], 3) == decode.DEMO_FALLBACK_RATE
