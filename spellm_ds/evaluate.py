@@ -183,6 +183,8 @@ def evaluate(
         raise SpellmError(f"target must be in (0, 1], got {target}")
     if batch_size < 1:
         raise SpellmError(f"batch_size must be >= 1, got {batch_size}")
+    if not 0 < calibration_fraction < 1:
+        raise SpellmError(f"calibration fraction must be in (0, 1), got {calibration_fraction}")
     location = Path(shards)
     index = read_index(location)
     if not index["top_k"]:
