@@ -42,7 +42,7 @@ from examples.pipeline import (
     torchrun,
 )
 from spellm_ds.errors import SpellmError
-from spellm_ds.metrics import JSON_KEYS
+from spellm_ds.metrics import JSON_KEYS, figure_part
 
 REPORT_NAME = "report.json"
 # The project's fidelity targets (the paper, arXiv 2507.16323, reports 94.89% / 97.57% for the first two).
@@ -584,14 +584,9 @@ def format_report(report: dict[str, Any]) -> str:
         shown = f"{value:.4f}" if isinstance(value, int | float) else "-"
         first = start.get(key)
         first_shown = f"{first:.4f}" if isinstance(first, int | float) else ""
-        part = {
-            "threshold": "calibration",
-            "fallback_rate": "report",
-            "agreement_top1_with_fallback": "report",
-        }
         lines.append(
             f"{key:<36}{shown:>9}{(f'{target:.3f}' if target else ''):>9}{first_shown:>9}  "
-            f"[{part.get(key, 'all')}]"
+            f"[{figure_part(key)}]"
         )
     gen = report["generation"]
     lines.append("")

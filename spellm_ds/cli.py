@@ -357,7 +357,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 
 def _run_eval(args: argparse.Namespace) -> int:
     from spellm_ds.evaluate import evaluate
-    from spellm_ds.metrics import JSON_KEYS
+    from spellm_ds.metrics import JSON_KEYS, figure_part
 
     res = evaluate(
         args.model,
@@ -380,7 +380,6 @@ def _run_eval(args: argparse.Namespace) -> int:
         f"chosen on {res['calibration_positions']} calibration positions, read on the other "
         f"{res['report_positions']} (report)"
     )
-    parts = {"threshold": "calibration", "threshold_approximate": "calibration"}
     keys = (*JSON_KEYS, "exact_top1_autocorrect", "fallback_top1", "auroc_entropy_error_top1")
     if res["fallback"] != "approximate":
         keys += (
@@ -391,11 +390,7 @@ def _run_eval(args: argparse.Namespace) -> int:
         )
     for key in keys:
         val = res[key]
-        base = key.removesuffix("_approximate")
-        part = parts.get(
-            key, "report" if base in ("fallback_rate", "agreement_top1_with_fallback") else "all"
-        )
-        print(f"  {key:<42} {'n/a' if val is None else f'{val:.4f}':>8}  [{part}]")
+        print(f"  {key:<42} {'n/a' if val is None else f'{val:.4f}':>8}  [{figure_part(key)}]")
     reached = "reached" if res["target_reached"] else "NOT reached"
     print(f"  target top-1 agreement {res['target']} {reached} on the report part; plot {res['plot']}")
     if args.calibrate:

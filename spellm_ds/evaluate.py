@@ -3,8 +3,8 @@
 The per-position cases come from the model here; the metrics and the calibration rule are defined in
 `spellm_ds.metrics`. The held-out samples are split by their order in the shards (`calibration_fraction`,
 default half, evenly spread): the threshold is chosen on the calibration samples' positions and every
-figure at it is read on the report samples' positions (`FIGURE_PARTS`); the JSON lists both sample sets
-under `split` and counts `calibration_positions` and `report_positions`.
+figure at it is read on the report samples' positions (`spellm_ds.metrics.FIGURE_PARTS`); the JSON lists
+both sample sets under `split` and counts `calibration_positions` and `report_positions`.
 
 Outputs: the metrics dict (and `--json`); `curve`: on a grid of τ, `fallback_rate` (the same for both
 kinds: it depends on H alone), `agreement_top1` (the `fallback` kind), `agreement_top1_approximate` and,
@@ -29,19 +29,7 @@ from torch import Tensor
 
 from spellm_ds.errors import SpellmError
 from spellm_ds.jsonio import write_json
-from spellm_ds.metrics import calibration_samples, match_flags, summarize
-
-# Which positions each figure of the result is read on: the threshold is chosen on the calibration
-# part, what it costs and gains is read on the report part, and the rest does not depend on it.
-FIGURE_PARTS = {
-    "threshold": "calibration",
-    "fallback_rate": "report",
-    "agreement_top1_with_fallback": "report",
-    "exact_or_prefix_top5_with_fallback": "report",
-    "target_reached": "report",
-    "calibration_part": "calibration (in-sample, for comparison)",
-    "other figures": "all positions",
-}
+from spellm_ds.metrics import FIGURE_PARTS, calibration_samples, match_flags, summarize
 
 # ---------------------------------------------------------------------------------------------------------
 # Model-side: per-position cases from a batch
@@ -173,7 +161,7 @@ def evaluate(
     """Evaluate an export directory on held-out shards; write JSON, PNG, TensorBoard and calibration.
 
     `fallback`: the kind to evaluate and calibrate (None: the one the export loads with by default).
-    `calibration_fraction`: the share of samples whose positions choose the threshold (see `FIGURE_PARTS`)."""
+    `calibration_fraction`: the share of samples whose positions choose the threshold."""
     from tqdm import tqdm
 
     from spellm_ds.inference import SpeLLMForCausalLM

@@ -203,6 +203,26 @@ def at_threshold(
     }
 
 
+# Which positions each figure of a split result is read on: the threshold is chosen on the calibration
+# part, what it costs and gains is read on the report part (their `_approximate` twins alike), and every
+# other figure does not depend on it and uses all positions.
+FIGURE_PARTS = {
+    "threshold": "calibration",
+    "fallback_rate": "report",
+    "agreement_top1_with_fallback": "report",
+    "exact_or_prefix_top5_with_fallback": "report",
+    "target_reached": "report",
+    "calibration_part": "calibration (in-sample, for comparison)",
+    "other figures": "all positions",
+}
+
+
+def figure_part(key: str) -> str:
+    """The part of the positions a result key is read on: calibration, report or all."""
+    part = FIGURE_PARTS.get(key.removesuffix("_approximate"), "all")
+    return part.split(" ")[0]
+
+
 def calibration_samples(num_samples: int, fraction: float = 0.5) -> np.ndarray:
     """Which samples calibrate (True) and which report (False): `fraction` of them, evenly spread."""
     if not 0 < fraction < 1:

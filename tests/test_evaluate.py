@@ -28,6 +28,7 @@ from spellm_ds.metrics import (
     calibrate_threshold,
     calibration_samples,
     curve_at,
+    figure_part,
     match_flags,
     summarize,
     threshold_sweep,
@@ -86,6 +87,13 @@ def test_calibration_samples_are_evenly_spread_by_hand():
     for bad in (0.0, 1.0, -0.5):
         with pytest.raises(SpellmError, match="calibration fraction"):
             calibration_samples(4, bad)
+
+
+def test_figure_parts_name_where_each_key_is_read():
+    assert figure_part("threshold") == figure_part("threshold_approximate") == "calibration"
+    for key in ("fallback_rate", "agreement_top1_with_fallback_approximate", "target_reached"):
+        assert figure_part(key) == "report", key
+    assert figure_part("exact_or_prefix_top5") == figure_part("char_acc") == "all"
 
 
 def _threshold_cases(entropy, char_ok):
