@@ -350,20 +350,24 @@ class TrainConfig(Section):
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
-# The measured recipe: the values every shipped recipe and the run-config defaults above use. Each was
-# chosen by a measurement on the real teacher at the demo's budget (`bench/fidelity.py`, results in
+# The measured recipe: the run-config defaults of these fields, which every shipped recipe uses too. Each
+# was chosen by a measurement on the real teacher at the demo's budget (`bench/fidelity.py`, results in
 # docs/RESULTS.md under `fidelity`). A shipped recipe may deviate from one for its scale only with a
 # comment on that line that starts with `scale:` and gives the reason (tests/test_config.py checks this).
+RECIPE_KEYS = (
+    "loss.selection",
+    "loss.tau",
+    "loss.regularizer",
+    "loss.reg_weight",
+    "warm_start.positions",
+    "warm_start.iters",
+    "warm_start.l2",
+    "optim.lr",
+    "optim.mlp_lr_scale",
+)
+_SECTIONS = {"loss": LossConfig, "warm_start": WarmStartConfig, "optim": OptimConfig}
 RECIPE_POLICY: dict[str, Any] = {
-    "loss.selection": "teacher_prior",
-    "loss.tau": 10.0,
-    "loss.regularizer": "kl6",
-    "loss.reg_weight": 5.0,
-    "warm_start.positions": 32768,
-    "warm_start.iters": 60,
-    "warm_start.l2": 1e-4,
-    "optim.lr": 4e-3,
-    "optim.mlp_lr_scale": 1.0,
+    key: getattr(_SECTIONS[key.split(".")[0]](), key.split(".")[1]) for key in RECIPE_KEYS
 }
 
 
