@@ -155,22 +155,6 @@ def run_mode(
     }
 
 
-def _shown(path: Path) -> str:
-    """`path` relative to the repository when inside it (results carry no machine-specific roots)."""
-    try:
-        return str(Path(path).resolve().relative_to(REPO))
-    except ValueError:
-        return str(path)
-
-
-def run_order(names: list[str], repeats: int) -> list[tuple[str, int]]:
-    """The (mode, repeat) runs in their order: the modes forward, then reversed, alternately."""
-    order: list[tuple[str, int]] = []
-    for r in range(repeats):
-        order.extend((name, r) for name in (names if r % 2 == 0 else names[::-1]))
-    return order
-
-
 def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """One mode's repeats: each repeat's times, their min and median, and its fidelity figures."""
     out: dict[str, Any] = {}
@@ -254,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
             name = "online" if reg == "kl6" else f"online-{reg}"
             modes[name] = (["teacher=online", f"loss.regularizer={reg}"], True)
         runs: dict[str, list[dict[str, Any]]] = {name: [] for name in modes}
-        for name, rep in run_order(list(modes), args.repeats):
+        for name, rep in record.alternating(list(modes), args.repeats):
             over, no_teacher = modes[name]
             print(f"online bench: {name}, repeat {rep + 1}/{args.repeats}", flush=True)
             row = run_mode(name, teacher, train_in, held, cfg, root, over, no_teacher, cfg.echo)
@@ -283,7 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     print()
     result: dict[str, Any] = {
         "what": "offline vs online teacher: end-to-end wall time (shard build + training) and fidelity",
-        "teacher": {k: info.get(k) for k in ("source", "heldout_ppl", "params")} | {"path": _shown(teacher)},
+        "teacher": {k: info.get(k) for k in ("source", "heldout_ppl", "params")}
+        | {"path": record.repo_relative(teacher)},
         "budget": budget,
         "steps": steps,
         "tokens": tokens,

@@ -125,16 +125,15 @@ def timed(fn: Callable[[], None]) -> float:
 def time_sides(steps: dict[str, Callable[[], None]], warmup: int, reps: int) -> dict[str, list[float]]:
     """Wall seconds of `reps` calls of every step after `warmup` untimed ones each, interleaved."""
     names = list(steps)
-    for i in range(warmup):
-        for name in names if i % 2 == 0 else names[::-1]:
-            steps[name]()
-        print(f"  warm-up {i + 1}/{warmup} done", flush=True)
+    for name, _ in record.alternating(names, warmup):
+        steps[name]()
+    print(f"  warm-up done ({warmup} call(s) per side)", flush=True)
     times: dict[str, list[float]] = {name: [] for name in names}
-    for i in range(reps):
-        for name in names if i % 2 == 0 else names[::-1]:
-            times[name].append(timed(steps[name]))
-        cells = ", ".join(f"{name} {times[name][-1] * 1e3:.0f} ms" for name in names)
-        print(f"  rep {i + 1}/{reps}: {cells}", flush=True)
+    for name, i in record.alternating(names, reps):
+        times[name].append(timed(steps[name]))
+        if all(len(t) == i + 1 for t in times.values()):  # the round is complete
+            cells = ", ".join(f"{n} {times[n][-1] * 1e3:.0f} ms" for n in names)
+            print(f"  rep {i + 1}/{reps}: {cells}", flush=True)
     return times
 
 

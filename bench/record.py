@@ -95,11 +95,20 @@ def command_line(argv: list[str] | None = None) -> str:
     return " ".join(["python", shown, *argv[1:]])
 
 
-def _shown(path: Path) -> str:
+def repo_relative(path: str | os.PathLike) -> str:
+    """`path` relative to the repository when inside it (results carry no machine-specific roots)."""
     try:
-        return str(path.relative_to(REPO))
+        return str(Path(path).resolve().relative_to(REPO))
     except ValueError:
         return str(path)
+
+
+def alternating(names: list[str], rounds: int) -> list[tuple[str, int]]:
+    """(side, round) in measuring order: the sides forward, then reversed, alternately (ABBA...)."""
+    order: list[tuple[str, int]] = []
+    for r in range(rounds):
+        order.extend((name, r) for name in (names if r % 2 == 0 else names[::-1]))
+    return order
 
 
 def save(
@@ -129,7 +138,7 @@ def save(
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(record, indent=1, sort_keys=False) + "\n", encoding="utf-8")
     tmp.replace(path)
-    print(f"saved {_shown(path)}", file=sys.stderr)
+    print(f"saved {repo_relative(path)}", file=sys.stderr)
     return path
 
 
@@ -230,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         return 0
     RESULTS_PAGE.write_text(text, encoding="utf-8")
-    print(f"wrote {RESULTS_PAGE.relative_to(REPO)} ({len(text.splitlines())} lines)")
+    print(f"wrote {repo_relative(RESULTS_PAGE)} ({len(text.splitlines())} lines)")
     return 0
 
 

@@ -58,3 +58,10 @@ def test_shipped_results_page_is_the_rendering_of_the_shipped_records():
     assert (REPO / "docs" / "RESULTS.md").read_text(encoding="utf-8") == record.render(records), (
         "docs/RESULTS.md is out of date: run python bench/record.py"
     )
+
+
+def test_sides_alternate_forward_then_reversed():
+    assert record.alternating(["a", "b"], 3) == [("a", 0), ("b", 0), ("b", 1), ("a", 1), ("a", 2), ("b", 2)]
+    assert record.alternating(["a", "b", "c"], 0) == []
+    assert record.repo_relative(REPO / "bench" / "x.py") == "bench/x.py"
+    assert record.repo_relative("/elsewhere/y") == "/elsewhere/y"
