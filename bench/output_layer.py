@@ -54,8 +54,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import record
 
-from spellm_ds import losses
 from spellm_ds.config import LossConfig
+from spellm_ds.train import losses
 
 SIDES = ("char", "char_kl6", "full")
 

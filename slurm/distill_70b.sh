@@ -59,7 +59,7 @@ MAX_RESTARTS=${MAX_RESTARTS:-50}                  # stop requeueing after this m
 TASK_EXIT_WAIT=${TASK_EXIT_WAIT:-300}             # s to wait for the other ranks once one has exited
                                                   # (> the time SLURM takes to declare a dead node DOWN)
 LOG_VERSIONS=${LOG_VERSIONS:-1}                   # 1: log torch env + pip freeze at the first start
-EXIT_INTERRUPTED=75                               # = spellm_ds.train.EXIT_INTERRUPTED
+EXIT_INTERRUPTED=75                               # = spellm_ds.train.loop.EXIT_INTERRUPTED
 
 # ---- rendezvous: rank 0 runs on the first node; the port follows from the job id -----------------
 MASTER_ADDR=${MASTER_ADDR:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)}

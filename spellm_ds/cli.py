@@ -181,7 +181,7 @@ def _add_train(sub) -> None:
 
 def _run_train(args) -> int:
     from spellm_ds.config import load_config
-    from spellm_ds.train import train
+    from spellm_ds.train.loop import train
 
     return train(load_config(args.config, args.overrides))
 

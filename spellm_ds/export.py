@@ -18,7 +18,7 @@ file name, `"base model"` for a delta, or null when the export was written witho
 (`original_mlps=False`, `--no-original-mlps`), which loads with the approximate fallback. The file costs
 the N MLPs' bytes (70B, N = 5, bf16: 7 GB).
 
-How tensors are read. `spellm_ds.checkpoint.ZeroCheckpoint` maps every rank's files (no process group,
+How tensors are read. `spellm_ds.train.checkpoint.ZeroCheckpoint` maps every rank's files (no process group,
 no model) and gives one full tensor at a time: trained ones from the fp32 master partitions, frozen
 ones from every rank's `frozen_param_fragments`. Frozen parameters come back in the
 training dtype (the checkpoint holds no fp32 copy of them). A checkpoint without frozen fragments gets
@@ -47,7 +47,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from spellm_ds.checkpoint import ZeroCheckpoint, checkpoint_meta, checkpoint_table, natural_key
 from spellm_ds.errors import SpellmError
 from spellm_ds.export_format import (
     CHAR_HEADS_FILE,
@@ -68,6 +67,7 @@ from spellm_ds.export_format import (
     write_spellm_config,
     write_weight_index,
 )
+from spellm_ds.train.checkpoint import ZeroCheckpoint, checkpoint_meta, checkpoint_table, natural_key
 
 BASE_PREFIX = "base."
 HEADS_NAME = "char_heads.weight"

@@ -65,7 +65,7 @@ import numpy as np
 from torch import Tensor
 
 from spellm_ds.errors import SpellmError
-from spellm_ds.losses import string_matches
+from spellm_ds.train.losses import string_matches
 
 DEFAULT_ENTROPY_BINS = (0.0, 0.01, 0.02, 0.05, 0.1, 0.22, 0.5, 1.0, 2.0, math.inf)
 DEFAULT_CONFIDENCE_BINS = (0.0, 0.2, 0.4, 0.6, 0.8, 0.95, 1.0)  # the teacher's top-1 probability

@@ -21,7 +21,7 @@ the regularizer's use of the frozen (partitioned) lm_head included, happens insi
 where DeepSpeed's hooks gather parameters: `TokenRegularizer` owns no parameters and registers the
 lm_head weight as its external parameter, so it is gathered exactly around the regularizer (DeepSpeed's
 backward hooks may gather it once more, unused: the regularizer's input gradient is computed in
-forward, see `spellm_ds.losses`).
+forward, see `spellm_ds.train.losses`).
 
 Online teacher (`online_teacher=True`, `spellm_ds.teacher`): the model also holds a frozen copy of the
 trained layers' original MLPs (`.teacher`, built inside the same ZeRO-3 `zero.Init`); a forward with
@@ -48,9 +48,9 @@ import torch
 from torch import Tensor, nn
 from transformers.utils import ModelOutput
 
-from spellm_ds import losses
 from spellm_ds.errors import SpellmError
 from spellm_ds.jsonio import read_json
+from spellm_ds.train import losses
 
 
 @dataclass(frozen=True, kw_only=True)

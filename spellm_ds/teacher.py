@@ -12,7 +12,7 @@ What the losses receive is what a teacher shard would hold: per position the top
 by descending log-probability and their full-vocabulary log-softmax rounded to float16 (then widened
 to float32, as the shard reader does), computed over chunks of `chunk` positions so no `[N, V]` logits
 exist at once. The teacher's final hidden state is returned too, for the `kl_full` regulariser, which
-recomputes the teacher's logits chunk by chunk next to the student's (`spellm_ds.losses`).
+recomputes the teacher's logits chunk by chunk next to the student's (`spellm_ds.train.losses`).
 
 Cost per token, next to a shard-building pass: N decoder layers and the lm_head again, instead of a
 whole teacher forward (`spellm-ds plan --online` prints the figures).

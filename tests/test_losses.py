@@ -1,7 +1,7 @@
 """Char selection loss, token regularizer and metrics against plain per-position reference code.
 
 The references loop over positions in Python and use torch.nn.functional on single rows (float64 for
-the regularizer), so they share no code with `spellm_ds.losses`. Values and gradients are compared.
+the regularizer), so they share no code with `spellm_ds.train.losses`. Values and gradients are compared.
 Run alone: `.venv/bin/python -m pytest tests/test_losses.py -q`.
 """
 
@@ -13,8 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from spellm_ds import losses
 from spellm_ds.errors import SpellmError
+from spellm_ds.train import losses
 
 K = 5
 

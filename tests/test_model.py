@@ -127,8 +127,8 @@ def test_grad_mode_restored_after_an_error(tiny_llama):
 
 
 def test_losses_in_forward_equal_the_pure_functions(tiny_llama):
-    from spellm_ds import losses
     from spellm_ds.model import build_spellm_model
+    from spellm_ds.train import losses
 
     model = build_spellm_model(tiny_llama, k=K, num_chars=C, trainable_layers=N_TRAIN, head_init_std=0.02)
     vocab = model.base.config.vocab_size

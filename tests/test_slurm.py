@@ -47,7 +47,7 @@ def test_scripts_are_shellcheck_clean():
 
 def test_requeue_exit_code_matches_trainer():
     """distill_70b.sh requeues on exactly the trainer's documented "interrupted" exit code."""
-    train = pytest.importorskip("spellm_ds.train")
+    train = pytest.importorskip("spellm_ds.train.loop")
     text = (jobs.SLURM_DIR / "distill_70b.sh").read_text()
     m = re.search(r"^EXIT_INTERRUPTED=(\d+)", text, re.M)
     assert m, "distill_70b.sh defines no EXIT_INTERRUPTED"

@@ -26,10 +26,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from data_prep.local_models import make_causal_lm
 from spellm_ds.charset import CharTable
-from spellm_ds.checkpoint import tag_for
 from spellm_ds.cli import main as cli_main
 from spellm_ds.inference import SpeLLMForCausalLM
 from spellm_ds.model import build_spellm_model, trainable_parameter_names
+from spellm_ds.train.checkpoint import tag_for
 from tests import train_helpers as th
 
 K, C = 10, 105

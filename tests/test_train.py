@@ -1,4 +1,4 @@
-"""Trainer (spellm_ds/train.py): 2-rank ZeRO-3 on CPU through real launchers, resume, preemption, NaN.
+"""Trainer (spellm_ds/train/loop.py): 2-rank ZeRO-3 on CPU through real launchers, resume, preemption, NaN.
 
 One tiny dataset is built with the real shard builder from the `tiny_llama` teacher (64 training
 sequences of 32 tokens in 8 shards, 16 held-out). One uninterrupted 2-rank torchrun run of 14 steps
@@ -24,7 +24,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from spellm_ds.checkpoint import (
+from spellm_ds.config import config_from_dict
+from spellm_ds.errors import SpellmError
+from spellm_ds.train.checkpoint import (
     LATEST,
     META_NAME,
     latest_checkpoint,
@@ -32,9 +34,7 @@ from spellm_ds.checkpoint import (
     resume_target,
     tag_for,
 )
-from spellm_ds.config import config_from_dict
-from spellm_ds.errors import SpellmError
-from spellm_ds.train import EXIT_INTERRUPTED, EXIT_NONFINITE, lr_at
+from spellm_ds.train.loop import EXIT_INTERRUPTED, EXIT_NONFINITE, lr_at
 from tests import train_helpers as th
 
 STEPS = 14

@@ -25,10 +25,10 @@ import numpy as np
 import pytest
 import torch
 
-from spellm_ds.checkpoint import LATEST, META_NAME, tag_for
 from spellm_ds.config import config_from_dict
 from spellm_ds.errors import SpellmError
-from spellm_ds.train import EXIT_INTERRUPTED, _resume_target
+from spellm_ds.train.checkpoint import LATEST, META_NAME, tag_for
+from spellm_ds.train.loop import EXIT_INTERRUPTED, _resume_target
 from tests import train_helpers as th
 
 STEPS = 14

@@ -1,6 +1,6 @@
-"""Warm start of the char heads (spellm_ds/warm_start.py) as pure functions: the label each head is fitted
-to (the selection rule's pick under uniform heads, by hand) and the softmax fit (first-order optimality
-checked by autograd on the objective, and a single-process write into a real model's heads).
+"""Warm start of the char heads (spellm_ds/train/warm_start.py) as pure functions: the label each head
+is fitted to (the selection rule's pick under uniform heads, by hand) and the softmax fit (first-order
+optimality checked by autograd on the objective, and a single-process write into a real model's heads).
 The 2-rank run with a warm start is in tests/test_train.py.
 
 Run alone: `.venv/bin/python -m pytest tests/test_warm_start.py -q`
@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from spellm_ds.model import build_spellm_model
-from spellm_ds.warm_start import fit_head, head_objective, selected_rows, warm_start_heads
+from spellm_ds.train.warm_start import fit_head, head_objective, selected_rows, warm_start_heads
 
 
 def test_selected_rows_pick_the_most_likely_eligible_candidate():

@@ -292,7 +292,7 @@ def kill9_then_resume(cfg: dict[str, Any], work: Path, reference: Path, nan: str
     Checks: `latest` still names step 8, the resumed run says so, every sample is drawn exactly once
     over both runs, and the final parameters equal the uninterrupted run's checkpoints in `reference`.
     Returns the run's checkpoint directory."""
-    from spellm_ds.checkpoint import LATEST, tag_for
+    from spellm_ds.train.checkpoint import LATEST, tag_for
 
     env = {"SPELLM_TEST_NAN_BATCHES": nan, "SPELLM_TEST_KILL_AT_STEP": "10"}
     killed = launch("torchrun", cfg, env={**env, "SPELLM_TRACE_SAMPLES": str(work / "t1")})

@@ -24,8 +24,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from spellm_ds import losses
 from spellm_ds.errors import SpellmError
+from spellm_ds.train import losses
 
 
 def selected_rows(

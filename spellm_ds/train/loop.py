@@ -19,7 +19,7 @@ exit status is 75. torchrun forwards SIGTERM (SIGUSR1 would end torchrun itself)
 and exit 75, but torchrun's own status is 1, so a requeue script launches ranks with srun (as
 slurm/distill_70b.sh does) or reads `latest`. Handlers are installed before the model loads.
 
-Checkpoints: `spellm_ds.checkpoint` owns the layout (tags, `latest`, metadata, pruning, the
+Checkpoints: `spellm_ds.train.checkpoint` owns the layout (tags, `latest`, metadata, pruning, the
 complete-or-invisible save, universal conversion, RNG states); the trainer decides what goes in (step
 counters, the merged data-loader state with its consumed-sample bitmap ORed over ranks, the resolved
 config, the charset and tokenizer hashes). `resume: auto` resumes from the checkpoint `latest` names.
@@ -70,12 +70,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from spellm_ds import checkpoint as ckpt
 from spellm_ds import dist as dist_env
-from spellm_ds import monitor
 from spellm_ds.config import Preflight, TrainConfig, fill_ds_config, preflight
 from spellm_ds.errors import EveryRankError, SpellmError
 from spellm_ds.log import ALL_RANKS, get_logger
+from spellm_ds.train import checkpoint as ckpt
+from spellm_ds.train import monitor
 
 _LOG = get_logger("train")
 EXIT_OK = 0
@@ -99,7 +99,7 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 def _resume_target(cfg: TrainConfig) -> Path | None:
-    """The checkpoint this run resumes from (`spellm_ds.checkpoint.resume_target`), of this teacher mode."""
+    """The checkpoint this run resumes from (`train.checkpoint.resume_target`), of this teacher mode."""
     return _check_teacher_mode(cfg, ckpt.resume_target(cfg.checkpoint_dir, cfg.checkpoint.resume))
 
 
@@ -538,7 +538,7 @@ def _fault_hooks(run: Run, state: TrainState) -> None:
 
 
 def _save(run: Run, state: TrainState) -> None:
-    """Collective: checkpoint this exact state (once) through `spellm_ds.checkpoint`."""
+    """Collective: checkpoint this exact state (once) through `spellm_ds.train.checkpoint`."""
     from spellm_ds.data import all_gather_state
 
     if run.saved_step == state.step:
@@ -664,7 +664,7 @@ def _log_train(run: Run, state: TrainState, stats: StepStats) -> None:
 
 def _warm_start(run: Run) -> None:
     """Collective: fit the char heads on the first training positions before step 0 (see warm_start)."""
-    from spellm_ds.warm_start import warm_start_heads
+    from spellm_ds.train.warm_start import warm_start_heads
 
     cfg = run.cfg
     per_batch = run.pre.micro * cfg.data.seq_len * run.world_size

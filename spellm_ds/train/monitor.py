@@ -1,6 +1,6 @@
 """What a training run reports: progress lines, TensorBoard scalars and hparams, decoded text samples.
 
-The trainer (`spellm_ds.train`) decides when; this module owns how: the collective mean over ranks, the
+The trainer (`spellm_ds.train.loop`) decides when; this module owns how: the collective mean over ranks, the
 memory figures, the TensorBoard writer (rank 0, purging events a crashed run logged past its checkpoint)
 and the markdown table of student vs teacher tokens written under `eval/samples`.
 """
