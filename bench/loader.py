@@ -8,15 +8,15 @@ Measured in one run, on shards built from a Llama-architecture teacher with a 32
 vocabulary on the Python docs corpus (tokenizer and teacher are built once and cached under --cache):
 
 - bytes on disk per token (tar + zstd, input ids included; target <= 24, plain int32/int32/fp16 = 34);
-- reader tokens/s in one process: `spellm_ds.shards.iter_shard` (file read, tar parse, decode, value
-  checks) and, when present, the streaming loader `spellm_ds.data.ShardLoader` (0 workers);
+- reader tokens/s in one process: `spellm_ds.data.shards.iter_shard` (file read, tar parse, decode, value
+  checks) and, when present, the streaming loader `spellm_ds.data.loader.ShardLoader` (0 workers);
 - reader / raw zstd: the reader's rate over plain `zstd.decompress` of the same payload bytes already in
   memory (target >= 0.70); rates are per CPU second of the reading thread, best of interleaved repeats;
 - tar walker / tarfile: members per CPU second of the project's strict tar walker
-  (`spellm_ds.shards.iter_tar_members`, checksum and name checks included) over the standard `tarfile`
+  (`spellm_ds.data.shards.iter_tar_members`, checksum and name checks included) over the standard `tarfile`
   module reading the same shard files member by member;
-- build overhead: the shard build (`data_prep.build.ShardWriter`: teacher top-5, value checks, encode,
-  write) over the teacher's own top-5 forward alone (`data_prep.build.Teacher.topk`, exactly what the
+- build overhead: the shard build (`spellm_ds.data.build.ShardWriter`: teacher top-5, value checks, encode,
+  write) over the teacher's own top-5 forward alone (`spellm_ds.data.build.Teacher.topk`, exactly what the
   builder runs: on the chunked head path the lm_head is streamed in blocks and the full logits never
   exist), over the same batches (target <= 1.05): what it adds is the builder's own work. For reference
   the plain HF forward returning the full logits is timed too: `topk_forward_over_hf_forward` is the
@@ -50,11 +50,11 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from data_prep.build import ShardWriter, Teacher  # noqa: E402
-from data_prep.corpus import iter_documents, pack_sequences, tokenize_documents  # noqa: E402
 from data_prep.local_models import make_causal_lm, python_docs_files, train_tokenizer  # noqa: E402
-from data_prep.validate import dataset_stats  # noqa: E402
 from spellm_ds import jsonio, shards  # noqa: E402
+from spellm_ds.data.build import ShardWriter, Teacher  # noqa: E402
+from spellm_ds.data.corpus import iter_documents, pack_sequences, tokenize_documents  # noqa: E402
+from spellm_ds.data.validate import dataset_stats  # noqa: E402
 
 sys.path.insert(0, str(REPO / "bench"))
 import record  # noqa: E402
@@ -273,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
         tarfile_rate = max(tarfile_rate, _rate(stdlib_tar, members, args.read_seconds / 3))
     loader_rate = None
     try:
-        from spellm_ds.data import LoaderConfig, ShardLoader
+        from spellm_ds.data.loader import LoaderConfig, ShardLoader
     except ImportError:
         ShardLoader = None  # noqa: N806
     _write_index(out, teacher, args)

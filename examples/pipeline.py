@@ -34,7 +34,14 @@ REPO = Path(__file__).resolve().parents[1]
 SOURCES = {
     "teacher": ["data_prep/demo_teacher.py", "data_prep/local_models.py"],
     "real_teacher": ["data_prep/real_teacher.py", "data_prep/gguf_import.py", "data_prep/demo_teacher.py"],
-    "shards": ["data_prep/*.py", "spellm_ds/shards.py", "spellm_ds/fingerprint.py", "spellm_ds/jsonio.py"],
+    "shards": [
+        "spellm_ds/data/build.py",
+        "spellm_ds/data/corpus.py",
+        "spellm_ds/data/validate.py",
+        "spellm_ds/data/shards.py",
+        "spellm_ds/fingerprint.py",
+        "spellm_ds/jsonio.py",
+    ],
     "train": [
         "spellm_ds/train/loop.py",
         "spellm_ds/model.py",
@@ -45,10 +52,10 @@ SOURCES = {
         "spellm_ds/train/monitor.py",
         "spellm_ds/config.py",
         "spellm_ds/schema.py",
-        "spellm_ds/data.py",
-        "spellm_ds/epoch_plan.py",
+        "spellm_ds/data/loader.py",
+        "spellm_ds/data/epoch_plan.py",
         "spellm_ds/charset/*.py",
-        "spellm_ds/shards.py",
+        "spellm_ds/data/shards.py",
         "spellm_ds/train/checkpoint.py",
         "spellm_ds/dist.py",
     ],
@@ -263,7 +270,7 @@ def _fmt_metrics(metrics: dict[str, Any]) -> str:
 
 def shard_totals(directory: str | os.PathLike) -> dict[str, int]:
     """Return the `totals` of a shard dataset's index.json (samples, tokens, bytes, shards)."""
-    from spellm_ds.shards import read_index
+    from spellm_ds.data.shards import read_index
 
     return dict(read_index(str(directory))["totals"])
 

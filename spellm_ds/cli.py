@@ -81,7 +81,7 @@ def _add_build_shards(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_build_shards(args: argparse.Namespace) -> int:
-    from data_prep.build import BuildConfig, build_shards
+    from spellm_ds.data.build import BuildConfig, build_shards
 
     cfg = BuildConfig(
         teacher=args.teacher,
@@ -147,7 +147,7 @@ def _add_shards(sub: argparse._SubParsersAction) -> None:
 def _run_shards(args: argparse.Namespace) -> int:
     import json
 
-    from data_prep.validate import dataset_stats, format_stats, validate_dataset
+    from spellm_ds.data.validate import dataset_stats, format_stats, validate_dataset
 
     if args.shards_command == "validate":
         report = validate_dataset(args.dir)

@@ -116,7 +116,7 @@ def shard_prompts(
     """The first `prompt_tokens` ids of the first `count` samples of a shard dataset, less `skip`'s.
 
     `skip` (a boolean per sample in shard order) leaves out the samples that chose the threshold."""
-    from spellm_ds.shards import iter_shard, read_index
+    from spellm_ds.data.shards import iter_shard, read_index
 
     location = Path(shards)
     index = read_index(location)

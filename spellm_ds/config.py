@@ -61,7 +61,7 @@ class ModelConfig(Section):
 
 @dataclass(kw_only=True)
 class DataConfig(Section):
-    """Teacher shards (see `spellm_ds.shards`) streamed by `spellm_ds.data`."""
+    """Teacher shards (see `spellm_ds.data.shards`) streamed by `spellm_ds.data.loader`."""
 
     train: str
     """Training shard location: a directory or URL prefix holding `index.json`."""
@@ -453,7 +453,7 @@ def _is_remote(location: str) -> bool:
 def _check_shards(
     kind: str, location: str, cfg: TrainConfig, tok_hash: str | None, vocab: int | None, problems: list[str]
 ) -> dict[str, Any] | None:
-    from spellm_ds.shards import read_index
+    from spellm_ds.data.shards import read_index
 
     if not _is_remote(location) and not Path(location).is_dir():
         problems.append(f"data.{kind}: shard directory {location} does not exist")

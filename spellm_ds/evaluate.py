@@ -117,7 +117,7 @@ def position_cases(
 
 
 def _iter_batches(location: Path, index: dict[str, Any], batch_size: int, max_samples: int | None):
-    from spellm_ds.shards import iter_shard
+    from spellm_ds.data.shards import iter_shard
 
     batch: list[dict[str, Any]] = []
     seen = 0
@@ -164,8 +164,8 @@ def evaluate(
     `calibration_fraction`: the share of samples whose positions choose the threshold."""
     from tqdm import tqdm
 
+    from spellm_ds.data.shards import read_index
     from spellm_ds.inference import SpeLLMForCausalLM
-    from spellm_ds.shards import read_index
 
     if not 0 < target <= 1:
         raise SpellmError(f"target must be in (0, 1], got {target}")

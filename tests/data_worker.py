@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from spellm_ds.data import LoaderConfig, ShardLoader, all_gather_state
+from spellm_ds.data.loader import LoaderConfig, ShardLoader, all_gather_state
 
 
 def record(loader: ShardLoader, batches, steps: int | None) -> list[dict]:

@@ -19,10 +19,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data_prep.build import BuildConfig, build_shards
-from data_prep.validate import validate_dataset
-from spellm_ds import shards
 from spellm_ds.cli import main
+from spellm_ds.data import shards
+from spellm_ds.data.build import BuildConfig, build_shards
+from spellm_ds.data.validate import validate_dataset
 from spellm_ds.errors import SpellmError
 from tests.conftest import REPO_ROOT
 
@@ -150,7 +150,7 @@ def test_packing_and_top5_match_the_teacher(reference, tiny_llama, inputs):
 def test_group_topk_equals_torch_topk(width):
     import torch
 
-    from data_prep.build import _topk
+    from spellm_ds.data.build import _topk
 
     g = torch.Generator().manual_seed(width)
     x = torch.randn(64, width, generator=g) * 4
@@ -168,7 +168,7 @@ def test_group_topk_equals_torch_topk(width):
 def test_streamed_topk_equals_full_log_softmax(slice_vocab, block):
     import torch
 
-    from data_prep.build import streamed_topk
+    from spellm_ds.data.build import streamed_topk
 
     g = torch.Generator().manual_seed(block)
     hidden, weight = torch.randn(37, 16, generator=g), torch.randn(3001, 16, generator=g) * 3

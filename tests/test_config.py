@@ -2,7 +2,7 @@
 the batch identity, pre-flight checks of files/tokenizer/charset/shards, the shipped recipes and
 DeepSpeed JSONs, and `spellm-ds train` refusing bad input with exit code 2 before any process group.
 
-Shards for the pre-flight checks are written by hand with spellm_ds.shards (one shard of 2 samples).
+Shards for the pre-flight checks are written by hand with spellm_ds.data.shards (one shard of 2 samples).
 Run alone: `.venv/bin/python -m pytest tests/test_config.py -q`
 """
 
@@ -168,7 +168,14 @@ def test_batch_identity_mismatch_names_the_numbers():
 
 
 def _shards(out: Path, tok_hash: str, seq_len: int, vocab: int) -> Path:
-    from spellm_ds.shards import ShardEntry, encode_sample, make_index, sample_key, shard_name, write_shard
+    from spellm_ds.data.shards import (
+        ShardEntry,
+        encode_sample,
+        make_index,
+        sample_key,
+        shard_name,
+        write_shard,
+    )
 
     out.mkdir(parents=True)
     rng = np.random.default_rng(0)

@@ -1,6 +1,6 @@
-"""Streaming reader (spellm_ds/data.py): exactly once, resume, corrupt data, URLs, tokenizer checks.
+"""Streaming reader (spellm_ds/data/loader.py): exactly once, resume, corrupt data, URLs, tokenizer checks.
 
-Datasets are tiny synthetic shard sets written with spellm_ds.shards (6 shards x 5 samples, L=8;
+Datasets are tiny synthetic shard sets written with spellm_ds.data.shards (6 shards x 5 samples, L=8;
 unequal shards of 16/16/16/5 samples for the sample-level balance).
 Expected sets and step counts are hand counts or plain set arithmetic, never the loader's own plan.
 Multi-process tests run the real launcher (torchrun, 2 ranks x 2 DataLoader workers, gloo) on
@@ -23,11 +23,9 @@ import numpy as np
 import pytest
 import torch
 
-from spellm_ds.data import LoaderConfig, ShardLoader, check_tokenizer, merge_states
-from spellm_ds.epoch_plan import pack_bitmap, unpack_bitmap
-from spellm_ds.errors import ShardError, SpellmError
-from spellm_ds.jsonio import write_json
-from spellm_ds.shards import (
+from spellm_ds.data.epoch_plan import pack_bitmap, unpack_bitmap
+from spellm_ds.data.loader import LoaderConfig, ShardLoader, check_tokenizer, merge_states
+from spellm_ds.data.shards import (
     ShardEntry,
     encode_sample,
     make_index,
@@ -36,6 +34,8 @@ from spellm_ds.shards import (
     shard_name,
     write_shard,
 )
+from spellm_ds.errors import ShardError, SpellmError
+from spellm_ds.jsonio import write_json
 from tests.conftest import REPO_ROOT, free_port
 
 SHARDS, PER, L, V, K = 6, 5, 8, 300, 5

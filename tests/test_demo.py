@@ -245,7 +245,7 @@ def test_short_demo_report_has_every_stage_and_metric(demo_run):
 @pytest.mark.timeout(1800)
 def test_short_demo_stage_artefacts(demo_run):
     out, report, _ = demo_run
-    from spellm_ds.shards import read_index
+    from spellm_ds.data.shards import read_index
 
     train_idx, held_idx = (
         read_index(str(out / "shards" / "train")),

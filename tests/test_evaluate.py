@@ -17,6 +17,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from spellm_ds.charset import CharTable
 from spellm_ds.cli import main as cli_main
+from spellm_ds.data.shards import (
+    ShardEntry,
+    encode_sample,
+    make_index,
+    sample_key,
+    shard_name,
+    write_shard,
+)
 from spellm_ds.errors import SpellmError
 from spellm_ds.evaluate import evaluate
 from spellm_ds.export import save_export
@@ -34,14 +42,6 @@ from spellm_ds.metrics import (
     threshold_sweep,
 )
 from spellm_ds.model import build_spellm_model
-from spellm_ds.shards import (
-    ShardEntry,
-    encode_sample,
-    make_index,
-    sample_key,
-    shard_name,
-    write_shard,
-)
 from tests.export_helpers import probe_heads
 
 SEQ_LEN, SAMPLES = 24, 6

@@ -1,4 +1,5 @@
-"""Remote shard reads (spellm_ds/data.py): dropped connections, stalls and failing commands are retried.
+"""Remote shard reads (spellm_ds/data/loader.py): dropped connections, stalls and failing commands are
+retried.
 
 A threaded stdlib HTTP server on 127.0.0.1 serves a synthetic shard set (test_data's `build_dataset`,
 6 shards x 5 samples) and misbehaves on purpose: each file has a fixed, finite list of faults that its
@@ -22,9 +23,9 @@ import numpy as np
 import pytest
 import torch
 
-from spellm_ds.data import ShardReadError
+from spellm_ds.data.loader import ShardReadError
+from spellm_ds.data.shards import shard_name
 from spellm_ds.errors import ShardError
-from spellm_ds.shards import shard_name
 from tests.test_data import TOTAL, build_dataset, flat, indices, loader
 
 # index.json is fetched with webdataset's curl pipe; only the shards go through the retrying reader.

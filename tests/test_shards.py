@@ -16,9 +16,10 @@ import numpy as np
 import pytest
 import zstandard
 
-from data_prep.validate import dataset_stats, validate_dataset
-from spellm_ds import jsonio, shards
+from spellm_ds import jsonio
 from spellm_ds.cli import main
+from spellm_ds.data import shards
+from spellm_ds.data.validate import dataset_stats, validate_dataset
 from spellm_ds.errors import ShardError, SpellmError
 
 SEQ_LEN, TOP_K, VOCAB, PER_SHARD = 16, 5, 300, 3

@@ -77,14 +77,14 @@ def online_run(tmp_path_factory, online_data):
 
 def test_token_only_shards_hold_ids_only_and_offline_training_refuses_them(online_data, tmp_path):
     from spellm_ds.config import load_config, preflight
-    from spellm_ds.shards import read_index
+    from spellm_ds.data.shards import read_index
 
     _, teacher, _, tokens = online_data
     index, ref = read_index(tokens), read_index(teacher)
     assert index["top_k"] == 0 and ref["top_k"] == 5
     assert index["totals"]["samples"] == ref["totals"]["samples"] == th.TRAIN_SAMPLES
     got = th.shard_teacher(tokens)
-    from spellm_ds import shards
+    from spellm_ds.data import shards
 
     for entry in ref["shards"]:
         for s in shards.iter_shard(Path(teacher) / entry["name"]):

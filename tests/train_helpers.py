@@ -31,10 +31,10 @@ TRAINABLE_LAYERS = 2
 def build_tiny_dataset(
     model_dir: Path, docs: list[Path], out: Path, no_teacher: bool = False
 ) -> tuple[Path, Path]:
-    """Build train and held-out shards from `model_dir` as teacher with `data_prep.build` (in-process).
+    """Build train and held-out shards from `model_dir` as teacher with `spellm_ds.data.build` (in-process).
 
     `no_teacher`: token-only shards (the same sequences, no teacher top-k)."""
-    from data_prep.build import BuildConfig, build_shards
+    from spellm_ds.data.build import BuildConfig, build_shards
 
     half = len(docs) // 2
     train, held = out / "train", out / "eval"
@@ -240,7 +240,7 @@ def checkpoint_params(root: Path, tag: str) -> dict[str, Any]:
 
 def shard_teacher(location: Path) -> dict[int, tuple[Any, Any]]:
     """Sample index -> (top-k ids, top-k log-probs) as the teacher shards at `location` store them."""
-    from spellm_ds import shards
+    from spellm_ds.data import shards
 
     out = {}
     for entry in shards.read_index(location)["shards"]:

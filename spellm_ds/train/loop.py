@@ -350,7 +350,7 @@ def _build_model(cfg: TrainConfig, table: Any, ds_config: dict[str, Any]) -> tor
 def _make_loader(
     cfg: TrainConfig, pre: Preflight, rank: int, world_size: int, location: str, train: bool
 ) -> Any:
-    from spellm_ds.data import LoaderConfig, ShardLoader
+    from spellm_ds.data.loader import LoaderConfig, ShardLoader
 
     lc = LoaderConfig(
         location=location,
@@ -539,7 +539,7 @@ def _fault_hooks(run: Run, state: TrainState) -> None:
 
 def _save(run: Run, state: TrainState) -> None:
     """Collective: checkpoint this exact state (once) through `spellm_ds.train.checkpoint`."""
-    from spellm_ds.data import all_gather_state
+    from spellm_ds.data.loader import all_gather_state
 
     if run.saved_step == state.step:
         return  # this exact state is already a complete checkpoint (never rewrite what `latest` names)

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from spellm_ds import shards
+from spellm_ds.data import shards
 from spellm_ds.errors import ShardError, SpellmError
 from spellm_ds.jsonio import read_json_or_none
 

@@ -30,7 +30,9 @@ from typing import Any
 
 import numpy as np
 
-from data_prep.corpus import (
+from spellm_ds import jsonio
+from spellm_ds.data import shards
+from spellm_ds.data.corpus import (
     PackedSequence,
     expand_inputs,
     inputs_fingerprint,
@@ -38,7 +40,6 @@ from data_prep.corpus import (
     pack_sequences,
     tokenize_documents,
 )
-from spellm_ds import jsonio, shards
 from spellm_ds.errors import SpellmError
 from spellm_ds.log import ALL_RANKS, get_logger
 from spellm_ds.schema import Section, choice, positive, within

@@ -1,7 +1,7 @@
 """The epoch plan of the streaming reader, as pure functions: which rank and worker slot reads which
 samples, and the consumed-sample bitmap's text form.
 
-`spellm_ds.data` describes the rules (shard permutation by seed and epoch, greedy assignment, cuts that
+`spellm_ds.data.loader` describes the rules (shard permutation by seed and epoch, greedy assignment, cuts that
 keep ranks and slots within one sample or one batch of each other); every rank computes the same plan
 from the same state, so no communication is needed. Nothing here touches files or tensors.
 """

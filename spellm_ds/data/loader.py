@@ -22,10 +22,10 @@ Pipeline (one per DataLoader worker; webdataset stages):
   arrived starts the count afresh, which stays bounded by the shard's size) or an HTTP 4xx such as 404,
   `ShardReadError` names the URL and the attempts and stops the run, with or without ``skip_corrupt``.
   Other URL schemes are opened by webdataset's ``gopen`` once, like a local file; index.json is fetched
-  at start by `spellm_ds.shards.read_index` (``gopen`` too), outside these retries.
+  at start by `spellm_ds.data.shards.read_index` (``gopen`` too), outside these retries.
 - Workers send batches at the stored widths as numpy arrays; the main process widens them to the
   contract's tensors (`to_torch`): Long ids, float32 log-probs, bool mask, Long ``sample_index``.
-- Epoch plan (`spellm_ds.epoch_plan.plan_epoch`): the global shard list is permuted by (seed, epoch);
+- Epoch plan (`spellm_ds.data.epoch_plan.plan_epoch`): the global shard list is permuted by (seed, epoch);
   shards with unconsumed samples are assigned to ranks greedily, largest remaining count first, each to
   the least loaded rank.
   If the ranks' remaining counts then differ by more than one, the ranks' shards are concatenated and
@@ -97,7 +97,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from spellm_ds.epoch_plan import (
+from spellm_ds.data.epoch_plan import (
     epoch_steps,
     pack_bitmap,
     piece_ranges,
@@ -106,9 +106,9 @@ from spellm_ds.epoch_plan import (
     slot_seed,
     unpack_bitmap,
 )
+from spellm_ds.data.shards import decode_sample, iter_tar_members, key_to_index, read_index
 from spellm_ds.errors import ShardError, SpellmError
 from spellm_ds.schema import Section, positive
-from spellm_ds.shards import decode_sample, iter_tar_members, key_to_index, read_index
 
 STATE_FORMAT = "spellm-ds-loader-state"
 STATE_VERSION = 2  # 2: plans split shards between ranks and slots; 1 (whole shards) is re-planned
