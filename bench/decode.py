@@ -86,7 +86,7 @@ from torch import nn
 from spellm_ds.charset import CharTable
 from spellm_ds.export_format import PAPER_THRESHOLD
 from spellm_ds.inference import SpeLLMForCausalLM
-from spellm_ds.tail import cache_kwarg, returned_cache
+from spellm_ds.model.tail import cache_kwarg, returned_cache
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import record
@@ -341,8 +341,8 @@ def bench_full_model(
     """Part 2: time per generated token, SpeLLM vs base greedy, batch 1 with a KV cache."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from spellm_ds.model import SpeLLMModel
-    from spellm_ds.tail import ExactFallback
+    from spellm_ds.model.student import SpeLLMModel
+    from spellm_ds.model.tail import ExactFallback
 
     spec = dict(SHAPES[shape])
     if num_layers is not None:

@@ -75,8 +75,8 @@ def prepare_real_teacher(
 ) -> dict[str, Any]:
     """Import the GGUF, write the corpus split and measure held-out perplexity (cached); return the meta."""
     from data_prep.demo_teacher import split_documents, write_corpus
-    from data_prep.gguf_import import file_sha256, import_gguf, smollm2_gguf
     from data_prep.local_models import python_docs_files
+    from spellm_ds.model.gguf_import import file_sha256, import_gguf, smollm2_gguf
 
     cfg = cfg or RealTeacherConfig()
     out = Path(out)

@@ -33,7 +33,11 @@ REPO = Path(__file__).resolve().parents[1]
 # Source files whose change invalidates a stage (relative to the repository root; globs).
 SOURCES = {
     "teacher": ["data_prep/demo_teacher.py", "data_prep/local_models.py"],
-    "real_teacher": ["data_prep/real_teacher.py", "data_prep/gguf_import.py", "data_prep/demo_teacher.py"],
+    "real_teacher": [
+        "data_prep/real_teacher.py",
+        "spellm_ds/model/gguf_import.py",
+        "data_prep/demo_teacher.py",
+    ],
     "shards": [
         "spellm_ds/data/build.py",
         "spellm_ds/data/corpus.py",
@@ -44,11 +48,11 @@ SOURCES = {
     ],
     "train": [
         "spellm_ds/train/loop.py",
-        "spellm_ds/model.py",
+        "spellm_ds/model/student.py",
         "spellm_ds/train/losses.py",
         "spellm_ds/train/warm_start.py",
-        "spellm_ds/tail.py",
-        "spellm_ds/teacher.py",
+        "spellm_ds/model/tail.py",
+        "spellm_ds/model/teacher.py",
         "spellm_ds/train/monitor.py",
         "spellm_ds/config.py",
         "spellm_ds/schema.py",
@@ -69,13 +73,13 @@ SOURCES = {
         "spellm_ds/evaluate.py",
         "spellm_ds/metrics.py",
         "spellm_ds/inference.py",
-        "spellm_ds/tail.py",
+        "spellm_ds/model/tail.py",
         "spellm_ds/export_format.py",
         "spellm_ds/charset/*.py",
     ],
     "generate": [
         "spellm_ds/inference.py",
-        "spellm_ds/tail.py",
+        "spellm_ds/model/tail.py",
         "spellm_ds/export_format.py",
         "spellm_ds/charset/*.py",
         "spellm_ds/compare.py",

@@ -122,7 +122,7 @@ def _add_import_gguf(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_import_gguf(args: argparse.Namespace) -> int:
-    from data_prep.gguf_import import import_gguf, smollm2_gguf
+    from spellm_ds.model.gguf_import import import_gguf, smollm2_gguf
 
     path = smollm2_gguf() if args.file == "smollm2" else args.file
     print(import_gguf(path, args.output, dtype=args.dtype, force=args.force))

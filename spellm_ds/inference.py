@@ -89,7 +89,13 @@ from spellm_ds.export_format import (
     PAPER_THRESHOLD,
     open_export,
 )
-from spellm_ds.tail import ExactFallback, cache_kwarg, check_attention, returned_cache, run_original_tail
+from spellm_ds.model.tail import (
+    ExactFallback,
+    cache_kwarg,
+    check_attention,
+    returned_cache,
+    run_original_tail,
+)
 
 EXACT, AUTOCORRECT, FALLBACK = 0, 1, 2
 PATH_NAMES = ("exact", "autocorrect", "fallback")
@@ -229,7 +235,7 @@ class SpeLLMForCausalLM(nn.Module):
                 f"char table (k={table.k}, {table.charset.size} symbols) does not fit the char heads "
                 f"(k={model.k}, {model.num_chars} symbols)"
             )
-        self.model = model  # spellm_ds.model.SpeLLMModel
+        self.model = model  # spellm_ds.model.student.SpeLLMModel
         self.table = table
         self.tokenizer = tokenizer
         self.threshold = threshold
@@ -309,7 +315,7 @@ class SpeLLMForCausalLM(nn.Module):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from spellm_ds.fingerprint import tokenizer_hash
-        from spellm_ds.model import SpeLLMModel
+        from spellm_ds.model.student import SpeLLMModel
 
         if fallback not in (None, *FALLBACK_KINDS):
             raise SpellmError(f"fallback must be one of {', '.join(FALLBACK_KINDS)}, got {fallback!r}")
@@ -389,7 +395,7 @@ class SpeLLMForCausalLM(nn.Module):
         return self._decoder
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Any:
-        """Final hidden state and char logits of every position (`spellm_ds.model.SpeLLMOutput`)."""
+        """Final hidden state and char logits of every position (`spellm_ds.model.student.SpeLLMOutput`)."""
         return self.model(input_ids, attention_mask=attention_mask)
 
     def lm_logits(self, hidden: Tensor) -> Tensor:

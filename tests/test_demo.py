@@ -281,7 +281,7 @@ def test_short_demo_rerun_reuses_every_stage(demo_run):
 @pytest.mark.timeout(1800)
 def test_short_demo_on_the_real_teacher(tmp_path):
     """The whole pipeline on SmolLM2-135M (imported from the wheel's GGUF) at tiny sizes."""
-    from data_prep.gguf_import import smollm2_gguf
+    from spellm_ds.model.gguf_import import smollm2_gguf
 
     try:
         smollm2_gguf()

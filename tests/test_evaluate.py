@@ -41,7 +41,7 @@ from spellm_ds.metrics import (
     summarize,
     threshold_sweep,
 )
-from spellm_ds.model import build_spellm_model
+from spellm_ds.model.student import build_spellm_model
 from tests.export_helpers import probe_heads
 
 SEQ_LEN, SAMPLES = 24, 6

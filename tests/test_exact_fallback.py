@@ -26,8 +26,8 @@ from spellm_ds.charset import CharTable
 from spellm_ds.errors import SpellmError
 from spellm_ds.export import save_export
 from spellm_ds.inference import FALLBACK, SpeLLMForCausalLM
-from spellm_ds.model import build_spellm_model
-from spellm_ds.tail import tail_attention_mask
+from spellm_ds.model.student import build_spellm_model
+from spellm_ds.model.tail import tail_attention_mask
 from tests.export_helpers import probe_heads
 
 PROMPTS = ["The module", "In Python, a list is a", "Return"]

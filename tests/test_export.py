@@ -25,7 +25,7 @@ from spellm_ds.cli import main as cli_main
 from spellm_ds.errors import SpellmError
 from spellm_ds.export import export_checkpoint
 from spellm_ds.inference import SpeLLMForCausalLM
-from spellm_ds.model import build_spellm_model
+from spellm_ds.model.student import build_spellm_model
 from spellm_ds.train.checkpoint import ZeroCheckpoint
 from tests.conftest import REPO_ROOT, free_port
 from tests.export_helpers import TRAINABLE_LAYERS, K, make_zero3_checkpoint

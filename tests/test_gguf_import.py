@@ -20,11 +20,11 @@ import numpy as np
 import pytest
 import torch
 
-from data_prep import gguf_import
-from data_prep.gguf_import import META_NAME, import_gguf, smollm2_gguf
 from spellm_ds import cli
 from spellm_ds.errors import SpellmError
 from spellm_ds.log import setup_logging
+from spellm_ds.model import gguf_import
+from spellm_ds.model.gguf_import import META_NAME, import_gguf, smollm2_gguf
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):\n    ", "Once upon a time, a little"]
 NEW_TOKENS = 20

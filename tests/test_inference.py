@@ -27,7 +27,7 @@ from spellm_ds.inference import (
     mean_head_entropy,
     top_p_filter,
 )
-from spellm_ds.model import build_spellm_model
+from spellm_ds.model.student import build_spellm_model
 from tests.export_helpers import probe_heads
 
 PROMPTS = ["The module", "In Python, a list is a", "Return"]

@@ -44,7 +44,7 @@ from spellm_ds.cli import main as cli_main
 from spellm_ds.errors import SpellmError
 from spellm_ds.export import save_export
 from spellm_ds.lm_eval_model import SpeLLMEvalLM, local_task_dir, parse_threshold
-from spellm_ds.model import build_spellm_model
+from spellm_ds.model.student import build_spellm_model
 from tests.export_helpers import probe_heads
 
 REPO = Path(__file__).resolve().parents[1]

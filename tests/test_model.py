@@ -53,7 +53,7 @@ def arch_dirs(tmp_path_factory, bytelevel_tokenizer, tiny_llama) -> dict[str, Pa
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
 def test_hidden_and_logits_match_hf(arch_dirs, arch):
-    from spellm_ds.model import build_spellm_model
+    from spellm_ds.model.student import build_spellm_model
 
     model = build_spellm_model(arch_dirs[arch], k=K, num_chars=C, trainable_layers=2, head_init_std=0.02)
     vocab = model.base.config.vocab_size
@@ -72,7 +72,7 @@ def test_hidden_and_logits_match_hf(arch_dirs, arch):
 
 
 def test_trainable_set_and_no_graph_through_frozen_prefix(tiny_llama):
-    from spellm_ds.model import build_spellm_model, trainable_parameter_names
+    from spellm_ds.model.student import build_spellm_model, trainable_parameter_names
 
     model = build_spellm_model(tiny_llama, k=K, num_chars=C, trainable_layers=N_TRAIN, head_init_std=0.02)
     n_layers = len(model.layers)
@@ -118,7 +118,7 @@ def test_trainable_set_and_no_graph_through_frozen_prefix(tiny_llama):
 
 
 def test_grad_mode_restored_after_an_error(tiny_llama):
-    from spellm_ds.model import build_spellm_model
+    from spellm_ds.model.student import build_spellm_model
 
     model = build_spellm_model(tiny_llama, k=K, num_chars=C, trainable_layers=1)
     with pytest.raises(IndexError):
@@ -127,7 +127,7 @@ def test_grad_mode_restored_after_an_error(tiny_llama):
 
 
 def test_losses_in_forward_equal_the_pure_functions(tiny_llama):
-    from spellm_ds.model import build_spellm_model
+    from spellm_ds.model.student import build_spellm_model
     from spellm_ds.train import losses
 
     model = build_spellm_model(tiny_llama, k=K, num_chars=C, trainable_layers=N_TRAIN, head_init_std=0.02)
@@ -160,7 +160,7 @@ def test_losses_in_forward_equal_the_pure_functions(tiny_llama):
 
 
 def test_heads_only_and_zero_init(tiny_llama):
-    from spellm_ds.model import build_spellm_model, trainable_parameter_names
+    from spellm_ds.model.student import build_spellm_model, trainable_parameter_names
 
     model = build_spellm_model(tiny_llama, k=K, num_chars=C, trainable_layers=0)
     assert trainable_parameter_names(model) == ["char_heads.weight"]
@@ -176,7 +176,7 @@ def test_heads_only_and_zero_init(tiny_llama):
 def test_bad_input_errors(tiny_llama, tmp_path):
     from spellm_ds.config import LossConfig
     from spellm_ds.errors import SpellmError
-    from spellm_ds.model import build_spellm_model, check_model
+    from spellm_ds.model.student import build_spellm_model, check_model
 
     with pytest.raises(SpellmError, match="trainable_layers=7"):
         check_model(tiny_llama, 7)
@@ -204,7 +204,7 @@ def test_generic_layout_by_probing():
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from spellm_ds.errors import SpellmError
-    from spellm_ds.model import SpeLLMModel, find_layout, trainable_parameter_names
+    from spellm_ds.model.student import SpeLLMModel, find_layout, trainable_parameter_names
 
     torch.manual_seed(0)
     cfg = GPT2Config(
@@ -242,7 +242,7 @@ def test_generic_layout_by_probing():
 @pytest.mark.dist
 def test_zero3_two_ranks_match_one_process(tiny_llama, tmp_path):
     """Built under ZeRO-3 (partitioned at load), 2 ranks: loss and full gradients equal one plain process."""
-    from spellm_ds.model import build_spellm_model
+    from spellm_ds.model.student import build_spellm_model
     from tests.conftest import free_port
 
     out_file = tmp_path / "zero3.pt"
@@ -274,7 +274,7 @@ def _zero3_worker(model_dir: str, out_file: str) -> None:
     from deepspeed.utils import safe_get_full_grad
 
     from spellm_ds.dist import exit_process, leave_process_group
-    from spellm_ds.model import build_spellm_model
+    from spellm_ds.model.student import build_spellm_model
 
     deepspeed.init_distributed("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()

@@ -1,4 +1,4 @@
-"""The online teacher in one process (spellm_ds/teacher.py): the teacher's top-5 from the shared prefix.
+"""The online teacher in one process (spellm_ds/model/teacher.py): the teacher's top-5 from the shared prefix.
 
 Expected values come from a plain transformers forward of the untouched teacher checkpoint (float64
 log-softmax), never from the online code. The 2-rank ZeRO-3 check against real shards is in
@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from spellm_ds.config import LossConfig
 from spellm_ds.errors import SpellmError
-from spellm_ds.model import build_spellm_model
+from spellm_ds.model.student import build_spellm_model
 
 
 def _reference(model_dir, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 
-from spellm_ds.model import build_spellm_model
+from spellm_ds.model.student import build_spellm_model
 from spellm_ds.train.warm_start import fit_head, head_objective, selected_rows, warm_start_heads
 
 

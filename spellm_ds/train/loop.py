@@ -332,7 +332,7 @@ def _model_vocab(cfg: TrainConfig) -> int:
 
 
 def _build_model(cfg: TrainConfig, table: Any, ds_config: dict[str, Any]) -> torch.nn.Module:
-    from spellm_ds.model import build_spellm_model
+    from spellm_ds.model.student import build_spellm_model
 
     model = build_spellm_model(
         cfg.model.path,

@@ -4,7 +4,7 @@ The student differs from the teacher only in the MLPs of its last N decoder laye
 layer L-N, which both compute identically, the last N layers run with the original MLPs (attention and
 norms are the student's own modules, shared) and then the final norm give the teacher's final normed
 hidden state exactly. Two users: the exact fallback of inference (`spellm_ds.inference`, with a KV cache
-and left padding) and the online teacher of training (`spellm_ds.teacher`, whole sequences, no cache).
+and left padding) and the online teacher of training (`spellm_ds.model.teacher`, whole sequences, no cache).
 
 A layer is run through a shallow twin (`with_module`) whose MLP child is the original one, so no module
 of the model is ever modified. Under ZeRO-3 the twin shares the layer's DeepSpeed hooks, and the
@@ -104,12 +104,12 @@ def run_original_tail(
 ) -> Tensor:
     """Final normed hidden states `[n, q, d]` of the original model from layer `first` inputs `[n, q, d]`.
 
-    `model` is a `spellm_ds.model.SpeLLMModel`; `mlps[i]` is the original MLP of layer `first + i`, up to
+    `model` is a `spellm_ds.model.student.SpeLLMModel`; `mlps[i]` is the original MLP of layer `first + i`, up to
     the last layer. The inputs are columns `start..start+q-1`; `key_mask` Bool[n, start+q] marks real
     columns; `cache` (a KV cache object the layers accept) holds the K/V of the columns before `start`
     (None: `start` is 0 and nothing is cached).
     """
-    from spellm_ds.model import _get
+    from spellm_ds.model.student import _get
 
     layers = model.layers
     config = model.base.config

@@ -4,8 +4,8 @@ The student is the teacher with the MLPs of its last N layers retrained, so belo
 compute the same activations. `OnlineTeacher` keeps a frozen copy of the original MLPs of those N
 layers (`mlps`, built from the pretrained weights when the model is built; under ZeRO-3 they are created
 inside the same `deepspeed.zero.Init` as every other parameter, so they are partitioned like any frozen
-weight). In each forward of `spellm_ds.model.SpeLLMModel` the shared prefix runs once; the input of
-layer L-N is recorded and fed to the original tail (`spellm_ds.tail.run_original_tail`, the same code as
+weight). In each forward of `spellm_ds.model.student.SpeLLMModel` the shared prefix runs once; the input of
+layer L-N is recorded and fed to the original tail (`spellm_ds.model.tail.run_original_tail`, the same code as
 inference's exact fallback) under `no_grad`, and the lm_head on its output gives the teacher's logits.
 
 What the losses receive is what a teacher shard would hold: per position the top-K token ids sorted
@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from spellm_ds.errors import SpellmError
-from spellm_ds.tail import check_attention, run_original_tail
+from spellm_ds.model.tail import check_attention, run_original_tail
 
 
 def _partitioned(module: nn.Module) -> bool:

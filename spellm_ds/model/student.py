@@ -23,7 +23,7 @@ lm_head weight as its external parameter, so it is gathered exactly around the r
 backward hooks may gather it once more, unused: the regularizer's input gradient is computed in
 forward, see `spellm_ds.train.losses`).
 
-Online teacher (`online_teacher=True`, `spellm_ds.teacher`): the model also holds a frozen copy of the
+Online teacher (`online_teacher=True`, `spellm_ds.model.teacher`): the model also holds a frozen copy of the
 trained layers' original MLPs (`.teacher`, built inside the same ZeRO-3 `zero.Init`); a forward with
 `online_teacher=True` records the input of layer L-N (a second forward pre-hook), runs the original tail on
 it under no_grad after the body (once the grad hook is inactive) and trains against the teacher's top-K it
@@ -117,7 +117,7 @@ def find_layout(model: nn.Module) -> Layout:
         if missing:
             raise SpellmError(
                 f"model_type {model_type!r}: cannot locate {', '.join(missing)} by probing; "
-                "add its layout to spellm_ds.model.LAYOUTS"
+                "add its layout to spellm_ds.model.student.LAYOUTS"
             )
         layout = Layout(body=body, layers=layers, mlp=mlp, norm=norm)
     for name, path in (("body", layout.body), ("layers", layout.layers), ("norm", layout.norm)):
@@ -239,12 +239,12 @@ class SpeLLMModel(nn.Module):
         self._grad_wanted: bool | None = None  # the caller's grad mode while forward runs the body
         if trainable_layers:
             layers[first].register_forward_pre_hook(_enable_grad_hook(self))
-        # The online teacher (spellm_ds.teacher): frozen original MLPs of the trained layers; the input of
+        # The online teacher (spellm_ds.model.teacher): frozen original MLPs of the trained layers; the input of
         # layer L-N is recorded in `forward` and fed to them.
         self.teacher: nn.Module | None = None
         self._record: list[Tensor] | None = None
         if online_teacher:
-            from spellm_ds.teacher import OnlineTeacher
+            from spellm_ds.model.teacher import OnlineTeacher
 
             self.teacher = OnlineTeacher(self)
             if trainable_layers:
@@ -488,7 +488,7 @@ def build_spellm_model(
 ) -> SpeLLMModel:
     """Load a local HF causal LM and wrap it; with a ZeRO-3 `ds_config` it is partitioned at load.
 
-    `online_teacher` adds the frozen copy of the trained layers' original MLPs (`spellm_ds.teacher`).
+    `online_teacher` adds the frozen copy of the trained layers' original MLPs (`spellm_ds.model.teacher`).
     """
     global _HF_DS_CONFIG
     from transformers import AutoModelForCausalLM

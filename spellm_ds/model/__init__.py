@@ -1,0 +1,1 @@
+"""Models: the student with char heads, the original tail, the online teacher, teacher import."""
