@@ -84,7 +84,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from spellm_ds.charset import CharTable
-from spellm_ds.export_format import PAPER_THRESHOLD
+from spellm_ds.export.format import PAPER_THRESHOLD
 from spellm_ds.inference import SpeLLMForCausalLM
 from spellm_ds.model.tail import cache_kwarg, returned_cache
 

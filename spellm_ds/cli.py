@@ -218,7 +218,7 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_export(args: argparse.Namespace) -> int:
-    from spellm_ds.export import export_checkpoint
+    from spellm_ds.export.write import export_checkpoint
 
     s = export_checkpoint(
         args.checkpoint,

@@ -373,7 +373,7 @@ def write_tensorboard(res: dict[str, Any], tb_dir: str | os.PathLike, step: int 
 
 def write_threshold(model_dir: str | os.PathLike, res: dict[str, Any], shards: Path) -> None:
     """Record the calibrated threshold of the evaluated fallback kind in `spellm_config.json`."""
-    from spellm_ds.export_format import update_spellm_config
+    from spellm_ds.export.format import update_spellm_config
 
     kind = res.get("fallback", "approximate")
     thresholds = {kind: res["threshold"]}

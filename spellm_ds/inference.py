@@ -54,7 +54,7 @@ by sampling a token from the AutoCorrect scores (sum of tempered per-head log-pr
 top-p; fallback rows sample from the lm_head softmax at that temperature and top-p. The entropy that
 decides the fallback always comes from the untempered heads, as calibrated.
 
-Loading: `SpeLLMForCausalLM.from_pretrained(DIR)` reads an export directory (spellm_ds.export writes
+Loading: `SpeLLMForCausalLM.from_pretrained(DIR)` reads an export directory (spellm_ds.export.write writes
 it); a delta export is applied on top of the base model its `spellm_config.json` records (or the one
 given). The original weights of the trained tensors come from `original_mlps.safetensors` of a full
 export, or from the base model itself before a delta is applied; `fallback=None` chooses `"exact"`
@@ -81,7 +81,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from spellm_ds.errors import SpellmError
-from spellm_ds.export_format import (
+from spellm_ds.export.format import (
     CHAR_HEADS_FILE,
     CHARSET_FILE,
     DELTA_FILE,

@@ -18,7 +18,7 @@ from spellm_ds.charset import CharTable
 from spellm_ds.cli import main as cli_main
 from spellm_ds.compare import agreement_summary, cut_at_end, leading_agreement
 from spellm_ds.errors import SpellmError
-from spellm_ds.export import save_export
+from spellm_ds.export.write import save_export
 from spellm_ds.model.student import build_spellm_model
 from tests.export_helpers import probe_heads
 from tests.test_evaluate import shards  # noqa: F401  (module fixture: held-out shards of tiny_llama)

@@ -24,7 +24,7 @@ from data_prep.local_models import make_causal_lm
 from spellm_ds import inference
 from spellm_ds.charset import CharTable
 from spellm_ds.errors import SpellmError
-from spellm_ds.export import save_export
+from spellm_ds.export.write import save_export
 from spellm_ds.inference import FALLBACK, SpeLLMForCausalLM
 from spellm_ds.model.student import build_spellm_model
 from spellm_ds.model.tail import tail_attention_mask

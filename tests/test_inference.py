@@ -17,7 +17,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from spellm_ds.errors import SpellmError
-from spellm_ds.export import save_export
+from spellm_ds.export.write import save_export
 from spellm_ds.inference import (
     AUTOCORRECT,
     EXACT,

@@ -1,6 +1,6 @@
 """Export a DeepSpeed ZeRO-3 training checkpoint to an inference directory, one tensor at a time.
 
-`spellm-ds export --checkpoint CK --output OUT` writes the directory `spellm_ds.export_format` describes:
+`spellm-ds export --checkpoint CK --output OUT` writes the directory `spellm_ds.export.format` describes:
 the base model's weights with the retrained MLPs under HF names (so `AutoModelForCausalLM.from_pretrained
 (OUT)` loads the model without its char heads), the char heads, the checkpoint's own `charset.json`, the
 tokenizer, `original_mlps.safetensors` and, last, `spellm_config.json`: k, num_chars, charset and
@@ -48,7 +48,7 @@ import torch
 from torch import Tensor, nn
 
 from spellm_ds.errors import SpellmError
-from spellm_ds.export_format import (
+from spellm_ds.export.format import (
     CHAR_HEADS_FILE,
     CHARSET_FILE,
     DELTA_FILE,

@@ -1,0 +1,1 @@
+"""Export directories: their format, and writing one from a training checkpoint."""
