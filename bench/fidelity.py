@@ -144,9 +144,9 @@ VARIANTS = {
     # 4e-3.
     "recipe-N10-batch2": ["model.trainable_layers=10", "loss.selection=teacher_prior", LR4E3],
     "recipe-tau3-batch2": [*RECIPE, LR4E3, "loss.tau=3"],
-    # The teacher computed in the training step (spellm_ds.model.teacher): the recipe with its top-5 regulariser
-    # (at the recipe's batch, at the earlier 2e-3 and at 8 sequences a step as its curves were measured:
-    # fidelity-budget-curve), and with the full-distribution one only the online teacher can give.
+    # The teacher computed in the training step (spellm_ds.model.teacher): the recipe with its top-5
+    # regulariser (at the recipe's batch, at the earlier 2e-3 and at 8 sequences a step as its curves were
+    # measured: fidelity-budget-curve), and with the full-distribution one only the online teacher can give.
     "recipe-online": [*RECIPE, "teacher=online"],
     "recipe-online-lr2e-3": [*RECIPE, LR2E3, "teacher=online"],
     "recipe-online-batch8": [*RECIPE, "teacher=online", *BATCH8],

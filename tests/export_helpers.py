@@ -2,7 +2,7 @@
 
 Run as a script under a launcher (the tests do this):
     torchrun --nproc_per_node 2 tests/export_helpers.py MODEL_DIR CHECKPOINT_DIR [STEPS]
-It builds the SpeLLM student with `spellm_ds.model.student.build_spellm_model` under a ZeRO-3 config, takes a few
+It builds the SpeLLM student with `model.student.build_spellm_model` under a ZeRO-3 config, takes a few
 optimizer steps on random char labels (so the char heads and the MLPs of the last 2 layers change), and
 saves a checkpoint with a client state and `spellm_meta.json` shaped like the trainer's.
 """

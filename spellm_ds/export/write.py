@@ -331,7 +331,7 @@ def export_checkpoint(
     heads_shape = tuple(ck.trainable.get(HEADS_NAME) or ck.frozen[HEADS_NAME])
     shared = set(ck.shared)
     trained = [n for n in ck.trainable if n != HEADS_NAME and n not in shared]
-    # The online teacher's frozen copy of the original MLPs (spellm_ds.model.teacher) is no part of the export.
+    # The online teacher's frozen copy of the original MLPs (model.teacher) is no part of the export.
     frozen = [n for n in ck.frozen if n != HEADS_NAME and n not in shared and not n.startswith("teacher.")]
     tokenizer = _load_tokenizer(base_dir, trust_remote_code)
     k = int(meta.get("k") or ((meta.get("config") or {}).get("model") or {}).get("k") or 10)

@@ -239,7 +239,7 @@ class SpeLLMModel(nn.Module):
         self._grad_wanted: bool | None = None  # the caller's grad mode while forward runs the body
         if trainable_layers:
             layers[first].register_forward_pre_hook(_enable_grad_hook(self))
-        # The online teacher (spellm_ds.model.teacher): frozen original MLPs of the trained layers; the input of
+        # The online teacher (model.teacher): frozen original MLPs of the trained layers; the input of
         # layer L-N is recorded in `forward` and fed to them.
         self.teacher: nn.Module | None = None
         self._record: list[Tensor] | None = None

@@ -104,7 +104,7 @@ def run_original_tail(
 ) -> Tensor:
     """Final normed hidden states `[n, q, d]` of the original model from layer `first` inputs `[n, q, d]`.
 
-    `model` is a `spellm_ds.model.student.SpeLLMModel`; `mlps[i]` is the original MLP of layer `first + i`, up to
+    `model` is a `model.student.SpeLLMModel`; `mlps[i]` is the original MLP of layer `first + i`, up to
     the last layer. The inputs are columns `start..start+q-1`; `key_mask` Bool[n, start+q] marks real
     columns; `cache` (a KV cache object the layers accept) holds the K/V of the columns before `start`
     (None: `start` is 0 and nothing is cached).
