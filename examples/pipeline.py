@@ -72,13 +72,13 @@ SOURCES = {
     "eval": [
         "spellm_ds/evaluate.py",
         "spellm_ds/metrics.py",
-        "spellm_ds/inference.py",
+        "spellm_ds/inference/model.py",
         "spellm_ds/model/tail.py",
         "spellm_ds/export/format.py",
         "spellm_ds/charset/*.py",
     ],
     "generate": [
-        "spellm_ds/inference.py",
+        "spellm_ds/inference/model.py",
         "spellm_ds/model/tail.py",
         "spellm_ds/export/format.py",
         "spellm_ds/charset/*.py",

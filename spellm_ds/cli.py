@@ -276,7 +276,7 @@ def _run_generate(args: argparse.Namespace) -> int:
 
     import torch
 
-    from spellm_ds.inference import SpeLLMForCausalLM
+    from spellm_ds.inference.model import SpeLLMForCausalLM
 
     device = default_device(args.device)
     model = SpeLLMForCausalLM.from_pretrained(

@@ -166,7 +166,7 @@ def compare_generation(
     """Teacher vs student greedy generation: agreement over shard prompts and the texts side by side."""
     from transformers import AutoModelForCausalLM
 
-    from spellm_ds.inference import SpeLLMForCausalLM
+    from spellm_ds.inference.model import SpeLLMForCausalLM
 
     student = SpeLLMForCausalLM.from_pretrained(model_dir, base_model=base_model, device=device)
     teacher = AutoModelForCausalLM.from_pretrained(str(teacher_dir), dtype=torch.float32).to(device).eval()

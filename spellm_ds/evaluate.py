@@ -47,7 +47,7 @@ def position_cases(
     """Run the model on one batch and return per-position arrays for the masked-in positions.
 
     With the teacher's `topk_logprobs` the cases also carry its top-1 probability."""
-    from spellm_ds.inference import canonical_chars, mean_head_entropy
+    from spellm_ds.inference.model import canonical_chars, mean_head_entropy
 
     dec = model.decoder
     exact = getattr(model, "fallback", "approximate") == "exact"
@@ -165,7 +165,7 @@ def evaluate(
     from tqdm import tqdm
 
     from spellm_ds.data.shards import read_index
-    from spellm_ds.inference import SpeLLMForCausalLM
+    from spellm_ds.inference.model import SpeLLMForCausalLM
 
     if not 0 < target <= 1:
         raise SpellmError(f"target must be in (0, 1], got {target}")

@@ -87,7 +87,7 @@ except ImportError as exc:  # pragma: no cover - depends on the optional extra
 
 from spellm_ds.dist import default_device
 from spellm_ds.errors import SpellmError
-from spellm_ds.inference import (
+from spellm_ds.inference.model import (
     AUTOCORRECT,
     EXACT,
     FALLBACK,

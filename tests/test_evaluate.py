@@ -28,7 +28,7 @@ from spellm_ds.data.shards import (
 from spellm_ds.errors import SpellmError
 from spellm_ds.evaluate import evaluate
 from spellm_ds.export.write import save_export
-from spellm_ds.inference import SpeLLMForCausalLM
+from spellm_ds.inference.model import SpeLLMForCausalLM
 from spellm_ds.jsonio import write_json
 from spellm_ds.metrics import (
     JSON_KEYS,

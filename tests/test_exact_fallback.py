@@ -21,11 +21,11 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from data_prep.local_models import make_causal_lm
-from spellm_ds import inference
 from spellm_ds.charset import CharTable
 from spellm_ds.errors import SpellmError
 from spellm_ds.export.write import save_export
-from spellm_ds.inference import FALLBACK, SpeLLMForCausalLM
+from spellm_ds.inference import model as inference
+from spellm_ds.inference.model import FALLBACK, SpeLLMForCausalLM
 from spellm_ds.model.student import build_spellm_model
 from spellm_ds.model.tail import tail_attention_mask
 from tests.export_helpers import probe_heads

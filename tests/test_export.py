@@ -24,7 +24,7 @@ from data_prep.local_models import make_causal_lm
 from spellm_ds.cli import main as cli_main
 from spellm_ds.errors import SpellmError
 from spellm_ds.export.write import export_checkpoint
-from spellm_ds.inference import SpeLLMForCausalLM
+from spellm_ds.inference.model import SpeLLMForCausalLM
 from spellm_ds.model.student import build_spellm_model
 from spellm_ds.train.checkpoint import ZeroCheckpoint
 from tests.conftest import REPO_ROOT, free_port

@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from spellm_ds.errors import SpellmError
 from spellm_ds.export.write import save_export
-from spellm_ds.inference import (
+from spellm_ds.inference.model import (
     AUTOCORRECT,
     EXACT,
     FALLBACK,

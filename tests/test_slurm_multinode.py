@@ -274,7 +274,7 @@ def test_node_death_requeue_shrunk_to_survivor_resumes_universal(two_nodes, refe
     trained = jobs.trainable_fp32(checkpoints, jobs.FINAL)
     assert len(trained) > 1 and all(torch.isfinite(t).all() for t in trained.values())
     out = jobs.export(two_nodes, tmp_path, checkpoints, ntasks=PER_NODE)
-    from spellm_ds.inference import SpeLLMForCausalLM
+    from spellm_ds.inference.model import SpeLLMForCausalLM
 
     model = SpeLLMForCausalLM.from_pretrained(out, dtype=torch.float32)
     assert torch.equal(model.model.char_heads.weight.detach(), trained[jobs.head_key(trained)])

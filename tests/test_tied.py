@@ -27,7 +27,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from data_prep.local_models import make_causal_lm
 from spellm_ds.charset import CharTable
 from spellm_ds.cli import main as cli_main
-from spellm_ds.inference import SpeLLMForCausalLM
+from spellm_ds.inference.model import SpeLLMForCausalLM
 from spellm_ds.model.student import build_spellm_model, trainable_parameter_names
 from spellm_ds.train.checkpoint import tag_for
 from tests import train_helpers as th

@@ -3,7 +3,7 @@
 The student differs from the teacher only in the MLPs of its last N decoder layers. Fed the input of
 layer L-N, which both compute identically, the last N layers run with the original MLPs (attention and
 norms are the student's own modules, shared) and then the final norm give the teacher's final normed
-hidden state exactly. Two users: the exact fallback of inference (`spellm_ds.inference`, with a KV cache
+hidden state exactly. Two users: the exact fallback of inference (`spellm_ds.inference.model`, with a KV cache
 and left padding) and the online teacher of training (`spellm_ds.model.teacher`, whole sequences, no cache).
 
 A layer is run through a shallow twin (`with_module`) whose MLP child is the original one, so no module
@@ -188,7 +188,7 @@ class TailKVView:
 class ExactFallback:
     """Per-row progress of the original tail during one `generate` call of `owner` (a SpeLLMForCausalLM).
 
-    See `spellm_ds.inference` for when rows catch up; `owner.original_tail` runs the layers."""
+    See `spellm_ds.inference.model` for when rows catch up; `owner.original_tail` runs the layers."""
 
     def __init__(self, owner: Any, batch: int, capacity: int) -> None:
         self.owner = owner
