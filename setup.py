@@ -37,7 +37,7 @@ setup(
     ],
     extras_require={
         "dev": ["pytest>=8", "pytest-timeout>=2.2", "ruff>=0.6", "pre-commit>=3.5"],
-        # lm-evaluation-harness: the `spellm` model (spellm_ds.lm_eval_model) and `spellm-ds lm-eval-local`
+        # lm-evaluation-harness: the `spellm` model (spellm_ds.eval.harness) and `spellm-ds lm-eval-local`
         "eval": ["lm-eval>=0.4.10,<0.5"],
     },
     entry_points={"console_scripts": ["spellm-ds=spellm_ds.cli:run"]},

@@ -37,7 +37,7 @@ keep the 8 they were measured with, and each keeps the rate it was measured with
   sequences a step (and 2e-3), as their curves were measured; `recipe-kl_full`: that
   with the `kl_full` regulariser (KL over the teacher's whole distribution) in place of the top-5 `kl6`.
 
-Columns (fractions of held-out positions; definitions in spellm_ds/metrics.py): exact match with one of
+Columns (fractions of held-out positions; definitions in spellm_ds/eval/metrics.py): exact match with one of
 the teacher's top-5, exact-or-prefix match (a prefix only where all k characters equal the start of a
 candidate longer than k) without and with AutoCorrect (paper: 94.89% / 97.57%), the heads' character
 accuracy against the teacher top-1's k symbols, exact match with the teacher's top-1 without fallback

@@ -42,7 +42,7 @@ from examples.pipeline import (
     torchrun,
 )
 from spellm_ds.errors import SpellmError
-from spellm_ds.metrics import JSON_KEYS, figure_part
+from spellm_ds.eval.metrics import JSON_KEYS, figure_part
 
 REPORT_NAME = "report.json"
 # The project's fidelity targets (the paper, arXiv 2507.16323, reports 94.89% / 97.57% for the first two).

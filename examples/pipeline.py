@@ -70,8 +70,8 @@ SOURCES = {
         "spellm_ds/charset/*.py",
     ],
     "eval": [
-        "spellm_ds/evaluate.py",
-        "spellm_ds/metrics.py",
+        "spellm_ds/eval/evaluate.py",
+        "spellm_ds/eval/metrics.py",
         "spellm_ds/inference/model.py",
         "spellm_ds/model/tail.py",
         "spellm_ds/export/format.py",
@@ -82,7 +82,7 @@ SOURCES = {
         "spellm_ds/model/tail.py",
         "spellm_ds/export/format.py",
         "spellm_ds/charset/*.py",
-        "spellm_ds/compare.py",
+        "spellm_ds/eval/compare.py",
     ],
 }
 

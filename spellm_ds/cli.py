@@ -356,8 +356,8 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_eval(args: argparse.Namespace) -> int:
-    from spellm_ds.evaluate import evaluate
-    from spellm_ds.metrics import JSON_KEYS, figure_part
+    from spellm_ds.eval.evaluate import evaluate
+    from spellm_ds.eval.metrics import JSON_KEYS, figure_part
 
     res = evaluate(
         args.model,
@@ -430,7 +430,7 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
 def _run_compare(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from spellm_ds.compare import compare_generation
+    from spellm_ds.eval.compare import compare_generation
 
     for name in ("prompts", "prompt_tokens", "new_tokens", "text_tokens", "batch_size"):
         if getattr(args, name) < 1:
@@ -542,7 +542,7 @@ def _add_lm_eval_local(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "lm-eval-local",
         help="lm-evaluation-harness tasks from a local directory on a SpeLLM export, offline",
-        description="Run lm-eval's simple_evaluate with the `spellm` model (spellm_ds.lm_eval_model) on task "
+        description="Run lm-eval's simple_evaluate with the `spellm` model (spellm_ds.eval.harness) on task "
         "YAMLs of a local directory whose data paths are relative to each YAML; needs the `eval` extra. "
         "Prints the results table and the share of positions taken by each path.",
     )
@@ -554,7 +554,7 @@ def _add_lm_eval_local(sub: argparse._SubParsersAction) -> None:
         default="",
         metavar="K=V,...",
         help="fallback=exact|approximate, threshold=FLOAT|default|none, base_model=DIR, dtype=..., "
-        "stop_check_tokens=N (see spellm_ds/lm_eval_model.py)",
+        "stop_check_tokens=N (see spellm_ds/eval/harness.py)",
     )
     p.add_argument("--output", default=None, metavar="JSON", help="write the results and counters here")
     p.add_argument("--limit", type=float, default=None, help="documents per task (a fraction when < 1)")
@@ -567,7 +567,7 @@ def _add_lm_eval_local(sub: argparse._SubParsersAction) -> None:
 
 def _run_lm_eval_local(args: argparse.Namespace) -> int:
     try:
-        from spellm_ds.lm_eval_model import evaluate_local
+        from spellm_ds.eval.harness import evaluate_local
     except ImportError as exc:
         raise SpellmError(f"{exc}") from None
     from lm_eval.utils import make_table

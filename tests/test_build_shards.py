@@ -399,7 +399,7 @@ def test_no_teacher_shards_hold_the_same_sequences_validate_and_resume(
         build_shards(_config(tiny_llama, inputs, out), rank=0, world_size=1)
     assert json.loads((out / "build.json").read_text())["teacher"]["weights_hash"] is None
     # Evaluation needs the teacher's top-k: refused before any model is loaded.
-    from spellm_ds.evaluate import evaluate
+    from spellm_ds.eval.evaluate import evaluate
 
     with pytest.raises(SpellmError, match=r"input ids only \(built with --no-teacher"):
         evaluate(tmp_path / "no_model", out)

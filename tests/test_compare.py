@@ -1,4 +1,4 @@
-"""Teacher-vs-student generation (spellm_ds/compare.py): the agreement figures on hand-made token lists,
+"""Teacher-vs-student generation (spellm_ds/eval/compare.py): the agreement figures on hand-made token lists,
 then `spellm-ds compare` on a tiny export whose fallback is the teacher's own head (no trained layer):
 with every position falling back, the student's greedy continuations must equal transformers' own
 `generate` on the teacher token for token, and without fallback they must differ somewhere.
@@ -16,8 +16,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from spellm_ds.charset import CharTable
 from spellm_ds.cli import main as cli_main
-from spellm_ds.compare import agreement_summary, cut_at_end, leading_agreement
 from spellm_ds.errors import SpellmError
+from spellm_ds.eval.compare import agreement_summary, cut_at_end, leading_agreement
 from spellm_ds.export.write import save_export
 from spellm_ds.model.student import build_spellm_model
 from tests.export_helpers import probe_heads
@@ -86,7 +86,7 @@ def test_compare_cli_always_fallback_equals_teacher_generate(
 
 
 def test_prompts_leave_out_the_samples_that_chose_the_threshold(shards):  # noqa: F811
-    from spellm_ds.compare import calibration_skip, shard_prompts
+    from spellm_ds.eval.compare import calibration_skip, shard_prompts
 
     loc, batch, _ = shards
     # An export calibrated on these 6 shards at fraction 0.5: samples 1, 3, 5 chose its threshold.

@@ -26,11 +26,8 @@ from spellm_ds.data.shards import (
     write_shard,
 )
 from spellm_ds.errors import SpellmError
-from spellm_ds.evaluate import evaluate
-from spellm_ds.export.write import save_export
-from spellm_ds.inference.model import SpeLLMForCausalLM
-from spellm_ds.jsonio import write_json
-from spellm_ds.metrics import (
+from spellm_ds.eval.evaluate import evaluate
+from spellm_ds.eval.metrics import (
     JSON_KEYS,
     auroc,
     calibrate_threshold,
@@ -41,6 +38,9 @@ from spellm_ds.metrics import (
     summarize,
     threshold_sweep,
 )
+from spellm_ds.export.write import save_export
+from spellm_ds.inference.model import SpeLLMForCausalLM
+from spellm_ds.jsonio import write_json
 from spellm_ds.model.student import build_spellm_model
 from tests.export_helpers import probe_heads
 

@@ -2,7 +2,7 @@
 generation up to a newline, rolling perplexity), through the real `lm_eval.simple_evaluate`, offline.
 
 The student is a tiny Llama whose last two MLPs were moved away from the base model's and whose char
-heads were probed on some text. Expected values never come from `spellm_ds.lm_eval_model`:
+heads were probed on some text. Expected values never come from `spellm_ds.eval.harness`:
 
 - always falling back (negative threshold) with the exact fallback gives lm-eval's own `hf` model on the
   base model directory, sample by sample, for all three tasks; the approximate fallback gives `hf` on the
@@ -11,7 +11,7 @@ heads were probed on some text. Expected values never come from `spellm_ds.lm_ev
   accuracies are recomputed here from the exported heads, the `[V, k]` char table and the base model's
   logits by plain numpy;
 - generation with stop sequences and chunked decoding equals `hf`'s `generate_until` on the base model;
-- `spellm-ds lm-eval-local` and `python -m spellm_ds.lm_eval_model` run from another working directory.
+- `spellm-ds lm-eval-local` and `python -m spellm_ds.eval.harness` run from another working directory.
 
 Run alone: `.venv/bin/python -m pytest tests/test_lm_eval.py -q`
 """
@@ -42,8 +42,8 @@ from lm_eval.tasks import TaskManager
 
 from spellm_ds.cli import main as cli_main
 from spellm_ds.errors import SpellmError
+from spellm_ds.eval.harness import SpeLLMEvalLM, local_task_dir, parse_threshold
 from spellm_ds.export.write import save_export
-from spellm_ds.lm_eval_model import SpeLLMEvalLM, local_task_dir, parse_threshold
 from spellm_ds.model.student import build_spellm_model
 from tests.export_helpers import probe_heads
 
@@ -330,7 +330,7 @@ def test_lm_eval_command_line_finds_the_model(export_dir, tasks_dir, tmp_path):
     cmd = [
         sys.executable,
         "-m",
-        "spellm_ds.lm_eval_model",
+        "spellm_ds.eval.harness",
         "run",
         "--model",
         "spellm",

@@ -1,6 +1,6 @@
 """The export directory's format: file names, `spellm_config.json`, safetensors I/O, opening a directory.
 
-`spellm_ds.export.write` writes export directories and `spellm_ds.inference.model` / `spellm_ds.evaluate` read or
+`spellm_ds.export.write` writes export directories and `spellm_ds.inference.model` / `spellm_ds.eval.evaluate` read or
 update them; all three go through this module and none imports another for it.
 
 Layout (full export; `--delta` writes `delta.safetensors` instead of the model weights and HF config):
@@ -15,7 +15,7 @@ Layout (full export; `--delta` writes `delta.safetensors` instead of the model w
 
 `spellm_config.json` (format `spellm-ds-export`, version 1) always holds `k`, `num_chars`,
 `charset_hash`, `delta` and `fallback_threshold`; see `spellm_ds.export.write` for every field it writes and
-`spellm_ds.evaluate.write_threshold` for the calibration fields it adds.
+`spellm_ds.eval.evaluate.write_threshold` for the calibration fields it adds.
 
 safetensors files are read through the `safetensors` package, which refuses truncated or padded files;
 `SafetensorsWriter` streams one tensor at a time after writing the header from the announced shapes (the

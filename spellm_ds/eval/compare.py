@@ -139,7 +139,7 @@ def shard_prompts(
 
 def calibration_skip(spellm_config: dict[str, Any], shards: str | os.PathLike) -> np.ndarray | None:
     """The samples of `shards` that chose the export's threshold (None when it was calibrated elsewhere)."""
-    from spellm_ds.metrics import calibration_samples
+    from spellm_ds.eval.metrics import calibration_samples
 
     cal = spellm_config.get("calibration") or {}
     if "calibration_fraction" not in cal or not cal.get("shards"):

@@ -1,9 +1,9 @@
 """Intrinsic evaluation of an exported SpeLLM model on held-out teacher shards, and threshold calibration.
 
 The per-position cases come from the model here; the metrics and the calibration rule are defined in
-`spellm_ds.metrics`. The held-out samples are split by their order in the shards (`calibration_fraction`,
+`spellm_ds.eval.metrics`. The held-out samples are split by their order in the shards (`calibration_fraction`,
 default half, evenly spread): the threshold is chosen on the calibration samples' positions and every
-figure at it is read on the report samples' positions (`spellm_ds.metrics.FIGURE_PARTS`); the JSON lists
+figure at it is read on the report samples' positions (`spellm_ds.eval.metrics.FIGURE_PARTS`); the JSON lists
 both sample sets under `split` and counts `calibration_positions` and `report_positions`.
 
 Outputs: the metrics dict (and `--json`); `curve`: on a grid of τ, `fallback_rate` (the same for both
@@ -28,8 +28,8 @@ import torch
 from torch import Tensor
 
 from spellm_ds.errors import SpellmError
+from spellm_ds.eval.metrics import FIGURE_PARTS, calibration_samples, match_flags, summarize
 from spellm_ds.jsonio import write_json
-from spellm_ds.metrics import FIGURE_PARTS, calibration_samples, match_flags, summarize
 
 # ---------------------------------------------------------------------------------------------------------
 # Model-side: per-position cases from a batch

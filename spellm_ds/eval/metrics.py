@@ -1,6 +1,6 @@
 """Fidelity metrics of the char heads against the teacher's top-5, and entropy-threshold calibration.
 
-Pure functions on arrays (no model): `spellm_ds.evaluate` computes the per-position cases and calls
+Pure functions on arrays (no model): `spellm_ds.eval.evaluate` computes the per-position cases and calls
 these; `bench/fidelity.py` and the demo read the same keys.
 
 Every masked-in position t of every sample is one case: the student's char heads at t against the
@@ -34,7 +34,7 @@ teacher's top-5 for token t+1 (index 0 is the teacher's top-1; shards store them
   when no τ reaches it, the τ of the highest agreement (`target_reached: false`). Negative τ means
   "always fall back". `fallback_rate` and `agreement_top1_with_fallback` are at that τ; all of these use
   the `fallback` kind.
-- calibration split (`summarize(..., calibration=mask)`, what `spellm_ds.evaluate` always does): τ is
+- calibration split (`summarize(..., calibration=mask)`, what `spellm_ds.eval.evaluate` always does): τ is
   chosen on the `calibration_positions` alone, and `fallback_rate`, `agreement_top1_with_fallback`,
   `target_reached` and `exact_or_prefix_top5_with_fallback` are read on the other `report_positions`, so
   they measure positions the choice never saw; `calibration_part` holds the same figures in-sample, for

@@ -2,10 +2,10 @@
 
 Registration: importing this module registers the class under `spellm` with lm-eval's `register_model`.
 lm-eval 0.4.x has no plugin entry point, so the module must be imported before lm-eval resolves the name
-(the `lm_eval` command alone does not know `spellm`). From Python: `import spellm_ds.lm_eval_model`, then
-`lm_eval.simple_evaluate(model="spellm", ...)`. From the shell, `python -m spellm_ds.lm_eval_model ARGS`
+(the `lm_eval` command alone does not know `spellm`). From Python: `import spellm_ds.eval.harness`, then
+`lm_eval.simple_evaluate(model="spellm", ...)`. From the shell, `python -m spellm_ds.eval.harness ARGS`
 imports it and runs lm-eval's own command line with the same arguments, e.g.
-`python -m spellm_ds.lm_eval_model run --model spellm --model_args pretrained=DIR,fallback=exact --tasks T`.
+`python -m spellm_ds.eval.harness run --model spellm --model_args pretrained=DIR,fallback=exact --tasks T`.
 `spellm-ds lm-eval-local` (`evaluate_local`) runs local task YAMLs offline.
 
 Model arguments (`--model_args`):
@@ -82,7 +82,7 @@ try:
     from lm_eval.models.huggingface import HFLM
 except ImportError as exc:  # pragma: no cover - depends on the optional extra
     raise ImportError(
-        "spellm_ds.lm_eval_model needs lm-evaluation-harness >= 0.4.10, < 0.5: pip install 'spellm-ds[eval]'"
+        "spellm_ds.eval.harness needs lm-evaluation-harness >= 0.4.10, < 0.5: pip install 'spellm-ds[eval]'"
     ) from exc
 
 from spellm_ds.dist import default_device
@@ -533,7 +533,7 @@ def evaluate_local(
 
 
 def main(argv: list[str] | None = None) -> None:
-    """lm-eval's own command line with the `spellm` model registered (`python -m spellm_ds.lm_eval_model`)."""
+    """lm-eval's own command line with the `spellm` model registered (`python -m spellm_ds.eval.harness`)."""
     if argv is not None:
         sys.argv = [sys.argv[0], *argv]
     try:

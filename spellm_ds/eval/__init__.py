@@ -1,0 +1,1 @@
+"""Evaluation: fidelity metrics, the eval report, teacher/student comparison, lm-eval."""
