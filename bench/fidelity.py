@@ -80,7 +80,7 @@ from examples.demo import (  # noqa: E402
     train_stage,
 )
 from examples.pipeline import StageRunner  # noqa: E402
-from spellm_ds.config import load_config  # noqa: E402
+from spellm_ds.config.run import load_config  # noqa: E402
 from spellm_ds.errors import SpellmError  # noqa: E402
 
 sys.path.insert(0, str(REPO / "bench"))

@@ -54,7 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import record
 
-from spellm_ds.config import LossConfig
+from spellm_ds.config.run import LossConfig
 from spellm_ds.train import losses
 
 SIDES = ("char", "char_kl6", "full")

@@ -180,7 +180,7 @@ def _add_train(sub) -> None:
 
 
 def _run_train(args) -> int:
-    from spellm_ds.config import load_config
+    from spellm_ds.config.run import load_config
     from spellm_ds.train.loop import train
 
     return train(load_config(args.config, args.overrides))

@@ -91,9 +91,9 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from spellm_ds.config.schema import Section, positive
 from spellm_ds.errors import SpellmError
 from spellm_ds.jsonio import read_json
-from spellm_ds.schema import Section, positive
 
 GIB = 1024**3
 SUPPORTED_ARCHS = ("llama", "mistral", "qwen2")

@@ -1,4 +1,4 @@
-"""Run config (spellm_ds/config.py): strict YAML, typed dotted overrides, every problem reported at once,
+"""Run config (spellm_ds/config/run.py): strict YAML, typed dotted overrides, every problem reported at once,
 the batch identity, pre-flight checks of files/tokenizer/charset/shards, the shipped recipes and
 DeepSpeed JSONs, and `spellm-ds train` refusing bad input with exit code 2 before any process group.
 
@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import yaml
 
-from spellm_ds.config import (
+from spellm_ds.config.run import (
     DS_OWNED_KEYS,
     BatchConfig,
     ConfigError,
@@ -383,7 +383,7 @@ MEASURED = {
 
 
 def test_run_config_defaults_are_the_measured_recipe(tmp_path):
-    from spellm_ds.config import RECIPE_POLICY, recipe_deviations
+    from spellm_ds.config.run import RECIPE_POLICY, recipe_deviations
 
     assert RECIPE_POLICY == MEASURED
     assert recipe_deviations(load_config(_write(tmp_path, MINIMAL))) == {}
@@ -405,7 +405,7 @@ def _line_comment(text: str, key: str) -> str:
 
 @pytest.mark.parametrize("name", ["tiny_cpu", "demo_cpu", "llama3_8b", "llama3_70b"])
 def test_shipped_recipes_follow_the_measured_policy(name):
-    from spellm_ds.config import recipe_deviations
+    from spellm_ds.config.run import recipe_deviations
 
     path = REPO_ROOT / "configs" / f"{name}.yaml"
     text = path.read_text(encoding="utf-8")

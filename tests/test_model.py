@@ -174,7 +174,7 @@ def test_heads_only_and_zero_init(tiny_llama):
 
 
 def test_bad_input_errors(tiny_llama, tmp_path):
-    from spellm_ds.config import LossConfig
+    from spellm_ds.config.run import LossConfig
     from spellm_ds.errors import SpellmError
     from spellm_ds.model.student import build_spellm_model, check_model
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from spellm_ds.config import LossConfig
+from spellm_ds.config.run import LossConfig
 from spellm_ds.errors import SpellmError
 from spellm_ds.model.student import build_spellm_model
 

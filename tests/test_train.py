@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from spellm_ds.config import config_from_dict
+from spellm_ds.config.run import config_from_dict
 from spellm_ds.errors import SpellmError
 from spellm_ds.train.checkpoint import (
     LATEST,

@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 import torch
 
-from spellm_ds.config import config_from_dict
+from spellm_ds.config.run import config_from_dict
 from spellm_ds.errors import SpellmError
 from spellm_ds.train.checkpoint import LATEST, META_NAME, tag_for
 from spellm_ds.train.loop import EXIT_INTERRUPTED, _resume_target
@@ -76,7 +76,7 @@ def online_run(tmp_path_factory, online_data):
 
 
 def test_token_only_shards_hold_ids_only_and_offline_training_refuses_them(online_data, tmp_path):
-    from spellm_ds.config import load_config, preflight
+    from spellm_ds.config.run import load_config, preflight
     from spellm_ds.data.shards import read_index
 
     _, teacher, _, tokens = online_data

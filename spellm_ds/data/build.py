@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from spellm_ds import jsonio
+from spellm_ds.config.schema import Section, choice, positive, within
 from spellm_ds.data import shards
 from spellm_ds.data.corpus import (
     PackedSequence,
@@ -42,7 +43,6 @@ from spellm_ds.data.corpus import (
 )
 from spellm_ds.errors import SpellmError
 from spellm_ds.log import ALL_RANKS, get_logger
-from spellm_ds.schema import Section, choice, positive, within
 
 BUILD_NAME = "build.json"
 STREAM_NAME = "stream.json"

@@ -97,6 +97,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from spellm_ds.config.schema import Section, positive
 from spellm_ds.data.epoch_plan import (
     epoch_steps,
     pack_bitmap,
@@ -108,7 +109,6 @@ from spellm_ds.data.epoch_plan import (
 )
 from spellm_ds.data.shards import decode_sample, iter_tar_members, key_to_index, read_index
 from spellm_ds.errors import ShardError, SpellmError
-from spellm_ds.schema import Section, positive
 
 STATE_FORMAT = "spellm-ds-loader-state"
 STATE_VERSION = 2  # 2: plans split shards between ranks and slots; 1 (whole shards) is re-planned

@@ -305,7 +305,7 @@ class SpeLLMModel(nn.Module):
 
     def set_loss(self, loss_cfg: Any, token_chars: Any, eligible: Any) -> None:
         """Configure the losses: `loss_cfg` has selection, tau, regularizer, reg_weight, reg_chunk
-        (`spellm_ds.config.LossConfig`); `token_chars` [V, k] and `eligible` [V] come from a CharTable
+        (`spellm_ds.config.run.LossConfig`); `token_chars` [V, k] and `eligible` [V] come from a CharTable
         (`token_chars`, `decodable`)."""
         if loss_cfg.regularizer in losses.NEEDS_TEACHER_LOGITS and self.teacher is None:
             raise SpellmError(

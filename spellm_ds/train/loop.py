@@ -71,7 +71,7 @@ import numpy as np
 import torch
 
 from spellm_ds import dist as dist_env
-from spellm_ds.config import Preflight, TrainConfig, fill_ds_config, preflight
+from spellm_ds.config.run import Preflight, TrainConfig, fill_ds_config, preflight
 from spellm_ds.errors import EveryRankError, SpellmError
 from spellm_ds.log import ALL_RANKS, get_logger
 from spellm_ds.train import checkpoint as ckpt

@@ -27,9 +27,9 @@ from typing import Any, Literal
 
 import yaml
 
+from spellm_ds.config.schema import ConfigError, Section, build, positive, set_dotted
 from spellm_ds.errors import SpellmError
 from spellm_ds.jsonio import read_json
-from spellm_ds.schema import ConfigError, Section, build, positive, set_dotted
 
 Selection = Literal["lowest", "teacher_prior"]
 Regularizer = Literal["kl6", "ce_top1", "kl_full", "none"]

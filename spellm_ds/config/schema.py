@@ -7,7 +7,7 @@ nested dicts (YAML, JSON) strictly: unknown keys (with a "did you mean" from the
 required keys, values that do not convert to the field's type (`convert`: int, float, bool, str, lists,
 `Literal` choices, optional values) and out-of-range values are all collected before anything raises.
 `set_dotted` applies one `a.b.c=value` override against the same schema. The run config
-(`spellm_ds.config`), the shard builder's and the loader's configs and `plan`'s inputs all validate this
+(`spellm_ds.config.run`), the shard builder's and the loader's configs and `plan`'s inputs all validate this
 way; code that receives a validated config does not check it again.
 """
 

@@ -1,0 +1,1 @@
+"""Run configuration: the validation schema, the run config's sections, recipe policy, preflight."""
