@@ -471,7 +471,7 @@ def _add_plan(sub) -> None:
         "plan",
         help="per-GPU memory and all-gather traffic of a ZeRO-3 distillation run, from a config.json",
         description="Estimate parameters, per-GPU memory, all-gather bytes and the largest micro-batch "
-        "that fits, from an HF config.json alone (formulas: spellm_ds/plan.py).",
+        "that fits, from an HF config.json alone (formulas: spellm_ds/plan/estimate.py).",
     )
     p.add_argument("--model-config", required=True, help="HF config.json (or a model directory)")
     p.add_argument("--nodes", type=int, required=True)
@@ -510,7 +510,7 @@ def _add_plan(sub) -> None:
 def _run_plan(args) -> int:
     import json
 
-    from spellm_ds.plan import PlanInputs, format_plan, load_model_shape, make_plan
+    from spellm_ds.plan.estimate import PlanInputs, format_plan, load_model_shape, make_plan
 
     plan = make_plan(
         load_model_shape(args.model_config),

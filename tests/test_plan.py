@@ -3,7 +3,7 @@
 Checks the counts against (a) real HF models built from small Llama / Mistral / Qwen2 configs and
 measured with DeepSpeed's own `model_to_params`, (b) hand arithmetic for Llama-3-8B and Llama-3-70B
 (tests/data/*.json hold their published config.json fields); the model-state bytes against DeepSpeed's
-`estimate_zero3_model_states_mem_needs` with the translation documented in spellm_ds/plan.py; the
+`estimate_zero3_model_states_mem_needs` with the translation documented in spellm_ds/plan/estimate.py; the
 traffic and fit figures against hand arithmetic; the CLI (text, --json, bad input).
 
 Run alone: .venv/bin/python -m pytest tests/test_plan.py -q
@@ -20,7 +20,7 @@ import pytest
 from conftest import REPO_ROOT
 
 from spellm_ds.errors import SpellmError
-from spellm_ds.plan import GIB, ModelShape, PlanInputs, load_model_shape, make_plan
+from spellm_ds.plan.estimate import GIB, ModelShape, PlanInputs, load_model_shape, make_plan
 
 DATA = REPO_ROOT / "tests" / "data"
 CFG_8B = DATA / "llama3_8b_config.json"

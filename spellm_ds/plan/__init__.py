@@ -1,0 +1,1 @@
+"""Planning: memory, communication and FLOPs per GPU before a job is submitted."""
