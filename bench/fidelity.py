@@ -10,7 +10,7 @@
                                                          # scored on the demo's 64 held-out sequences
     .venv/bin/python bench/fidelity.py --teacher toy ...       # the self-trained demo teacher
 
-Students distilled from the same teacher (default: SmolLM2-135M, `data_prep/real_teacher.py`) on the same
+Students distilled from the same teacher (default: SmolLM2-135M, `examples/real_teacher.py`) on the same
 shards, through the real pipeline (the `spellm-ds` CLI: 2-rank ZeRO-3 `train` under torchrun, `export`,
 `eval --calibrate`). Every variant trains on the same sequences (the budget); its batch sets how many
 optimizer steps they make. Variants are run-config overrides on configs/demo_cpu.yaml (see `VARIANTS`).

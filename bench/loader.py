@@ -50,7 +50,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from data_prep.local_models import make_causal_lm, python_docs_files, train_tokenizer  # noqa: E402
+from examples.local_models import make_causal_lm, python_docs_files, train_tokenizer  # noqa: E402
 from spellm_ds import jsonio, shards  # noqa: E402
 from spellm_ds.data.build import ShardWriter, Teacher  # noqa: E402
 from spellm_ds.data.corpus import iter_documents, pack_sequences, tokenize_documents  # noqa: E402

@@ -73,7 +73,7 @@ KEYS = (
 
 def _tiny_teacher(out: Path) -> tuple[Path, dict[str, Any], list[str], list[str]]:
     """A random tiny Llama on a locally trained tokenizer (cached under `out`), and a docs split."""
-    from data_prep.local_models import make_causal_lm, python_docs_files, train_tokenizer
+    from examples.local_models import make_causal_lm, python_docs_files, train_tokenizer
 
     files = python_docs_files(limit=120)
     model = out / "tiny_teacher"

@@ -5,7 +5,7 @@
 
 Stages (each cached by a hash of its inputs; a rerun skips those whose inputs did not change):
 
-1. teacher          `python -m data_prep.demo_teacher`: byte-level BPE 8K + a 6-layer Llama trained from
+1. teacher          `python -m examples.demo_teacher`: byte-level BPE 8K + a 6-layer Llama trained from
                     scratch on the Python docs (held-out documents kept out); or any HF teacher via --teacher
 2. shards-train     `spellm-ds build-shards` on the training documents (teacher top-5 per position)
 3. shards-heldout   the same on the held-out documents
@@ -104,11 +104,11 @@ def teacher_stage(runner: StageRunner, cfg: DemoConfig, out: Path) -> tuple[Path
         return _real_teacher_stage(runner, cfg, out)
     if cfg.teacher_kind != "toy":
         raise SpellmError(f"--teacher-kind {cfg.teacher_kind!r} is not smollm2 or toy")
-    from data_prep import demo_teacher
-    from data_prep.demo_teacher import META_NAME
+    from examples import demo_teacher
+    from examples.demo_teacher import META_NAME
 
     teacher = Path(cfg.teacher_dir) if cfg.teacher_dir else out / "teacher"
-    command = [sys.executable, "-m", "data_prep.demo_teacher", "--out", str(teacher), *cfg.teacher_args]
+    command = [sys.executable, "-m", "examples.demo_teacher", "--out", str(teacher), *cfg.teacher_args]
     runner.run(
         "teacher",
         inputs={
@@ -123,7 +123,7 @@ def teacher_stage(runner: StageRunner, cfg: DemoConfig, out: Path) -> tuple[Path
     meta = json.loads((teacher / META_NAME).read_text(encoding="utf-8"))
     info = {
         "path": str(teacher),
-        "source": "data_prep.demo_teacher",
+        "source": "examples.demo_teacher",
         "cache_key": meta["cache_key"],
         "params": meta["num_params"],
         "heldout_ppl": meta["heldout_ppl"],
@@ -141,10 +141,10 @@ def _real_teacher_stage(
     runner: StageRunner, cfg: DemoConfig, out: Path
 ) -> tuple[Path, dict[str, Any], list, list]:
     """SmolLM2-135M imported from its GGUF, the Python-docs split and its held-out perplexity."""
-    from data_prep.real_teacher import META_NAME
+    from examples.real_teacher import META_NAME
 
     root = Path(cfg.teacher_dir) if cfg.teacher_dir else out / "smollm2"
-    command = [sys.executable, "-m", "data_prep.real_teacher", "--out", str(root), *cfg.teacher_args]
+    command = [sys.executable, "-m", "examples.real_teacher", "--out", str(root), *cfg.teacher_args]
 
     def measure(seconds: float) -> dict[str, Any]:
         meta = json.loads((root / META_NAME).read_text(encoding="utf-8"))
@@ -165,7 +165,7 @@ def _real_teacher_stage(
     meta = json.loads((root / META_NAME).read_text(encoding="utf-8"))
     info = {
         "path": meta["model"],
-        "source": "data_prep.real_teacher",
+        "source": "examples.real_teacher",
         "name": "SmolLM2-135M-Instruct",
         "cache_key": meta["cache_key"],
         "params": meta["num_params"],

@@ -32,11 +32,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 # Source files whose change invalidates a stage (relative to the repository root; globs).
 SOURCES = {
-    "teacher": ["data_prep/demo_teacher.py", "data_prep/local_models.py"],
+    "teacher": ["examples/demo_teacher.py", "examples/local_models.py"],
     "real_teacher": [
-        "data_prep/real_teacher.py",
+        "examples/real_teacher.py",
         "spellm_ds/model/gguf_import.py",
-        "data_prep/demo_teacher.py",
+        "examples/demo_teacher.py",
     ],
     "shards": [
         "spellm_ds/data/build.py",

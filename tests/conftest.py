@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from data_prep.local_models import make_causal_lm, python_docs_files, train_tokenizer
+from examples.local_models import make_causal_lm, python_docs_files, train_tokenizer
 
 # plain asserts in the shared SLURM job helpers report their operands as the tests' own do
 pytest.register_assert_rewrite("slurm_jobs")

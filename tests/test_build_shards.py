@@ -269,7 +269,7 @@ def test_rerun_builds_only_missing_shards(reference, tiny_llama, inputs, tmp_pat
 
 
 def test_mismatched_output_directory_is_refused(reference, tiny_llama, inputs, tmp_path, capsys):
-    from data_prep.local_models import make_causal_lm
+    from examples.local_models import make_causal_lm
 
     out = tmp_path / "ds"
     shutil.copytree(reference, out)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from data_prep.demo_teacher import DemoTeacherConfig, build_demo_teacher, split_documents
+from examples.demo_teacher import DemoTeacherConfig, build_demo_teacher, split_documents
 from spellm_ds.errors import SpellmError
 from tests.conftest import REPO_ROOT
 

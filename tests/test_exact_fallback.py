@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from data_prep.local_models import make_causal_lm
+from examples.local_models import make_causal_lm
 from spellm_ds.charset import CharTable
 from spellm_ds.errors import SpellmError
 from spellm_ds.export.write import save_export

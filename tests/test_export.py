@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from data_prep.local_models import make_causal_lm
+from examples.local_models import make_causal_lm
 from spellm_ds.cli import main as cli_main
 from spellm_ds.errors import SpellmError
 from spellm_ds.export.write import export_checkpoint

@@ -41,7 +41,7 @@ def _batch(vocab: int, seed: int, b: int = 2, t: int = 12) -> dict[str, torch.Te
 
 @pytest.fixture(scope="module")
 def arch_dirs(tmp_path_factory, bytelevel_tokenizer, tiny_llama) -> dict[str, Path]:
-    from data_prep.local_models import make_causal_lm
+    from examples.local_models import make_causal_lm
 
     dirs = {"llama": tiny_llama}
     for arch in ("qwen2", "mistral"):

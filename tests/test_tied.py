@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from data_prep.local_models import make_causal_lm
+from examples.local_models import make_causal_lm
 from spellm_ds.charset import CharTable
 from spellm_ds.cli import main as cli_main
 from spellm_ds.inference.model import SpeLLMForCausalLM

