@@ -11,7 +11,7 @@ setup(
     long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["spellm_ds", "spellm_ds.*", "data_prep", "data_prep.*"]),
+    packages=find_packages(include=["spellm_ds", "spellm_ds.*"]),
     include_package_data=True,
     install_requires=[
         # No torch pin here: cluster users bring their CUDA build; the local CPU pin lives in

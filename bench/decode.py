@@ -34,7 +34,7 @@ calibrated fallback rate for 99% top-1 agreement on SmolLM2-135M, as docs/RESULT
 a share R of the steps, spread evenly (step i when floor((i+1)·R) > floor(i·R)), once with
 the approximate fallback (lm_head on the student's hidden state) and once with the exact one (the last N
 layers, `--trainable-layers`, default 5, rerun with their original MLPs over the positions since the
-previous fallback, on their own N-layer KV cache, then lm_head: `spellm_ds.inference.model`). Here the original
+previous fallback, on their own N-layer KV cache, then lm_head: `spellm_ds.inference`). Here the original
 MLPs are copies of the student's, so both give the base's tokens; the work is the real catch-up path.
 Reported: ms/token (mean over steps: the cost is in the fallback steps), speedup vs base, share of the
 head-removal ceiling, and the exact fallback's catch-up cost per token (exact minus approximate) against

@@ -1,6 +1,6 @@
 """The export directory's format: file names, `spellm_config.json`, safetensors I/O, opening a directory.
 
-`spellm_ds.export.write` writes export directories and `spellm_ds.inference.model` / `spellm_ds.eval.evaluate` read or
+`export.write` writes export directories and `inference.model` / `eval.evaluate` read or
 update them; all three go through this module and none imports another for it.
 
 Layout (full export; `--delta` writes `delta.safetensors` instead of the model weights and HF config):

@@ -9,7 +9,7 @@ and step, dtype, base model reference (path, config and weights hashes), trainin
 `original_mlps`. `--delta` writes only `delta.safetensors` (the trained base tensors) instead of the model
 weights and config; loading checks the recorded base model and applies the delta to it.
 
-Original weights for the exact fallback (`spellm_ds.inference.model`). Training changes only the MLPs of the last
+Original weights for the exact fallback (`spellm_ds.inference`). Training changes only the MLPs of the last
 N layers, so the teacher is the export with those tensors put back. A full export writes their original
 values to `original_mlps.safetensors`, read from the base model directory the checkpoint records (they
 are the frozen teacher's weights; the checkpoint holds only the trained ones); a delta export needs

@@ -626,7 +626,3 @@ def run() -> NoReturn:
     # barrier, so nothing is waited for here (one rank's error must not hold the others)
     leave_process_group(clean=False)
     exit_process(code)
-
-
-if __name__ == "__main__":
-    run()

@@ -1,1 +1,0 @@
-"""Teacher shard building: corpus reading, packing, teacher forward, top-k, shard writing."""
