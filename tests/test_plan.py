@@ -20,7 +20,8 @@ import pytest
 from conftest import REPO_ROOT
 
 from spellm_ds.errors import SpellmError
-from spellm_ds.plan.estimate import GIB, ModelShape, PlanInputs, load_model_shape, make_plan
+from spellm_ds.plan.estimate import GIB, PlanInputs, make_plan
+from spellm_ds.plan.shapes import ModelShape, load_model_shape
 
 DATA = REPO_ROOT / "tests" / "data"
 CFG_8B = DATA / "llama3_8b_config.json"

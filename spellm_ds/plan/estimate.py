@@ -9,17 +9,7 @@ k char heads, C charset size, N trainable (tail) layers, W = nodes × GPUs per n
 group), H the hpZ node-local partition size (1 = off), B micro-batch, S sequence length, A gradient
 accumulation steps.
 
-Parameters (exact):
-    attention   = d·h·e + 2·d·g·e + h·e·d  (+ h·e + 2·g·e q/k/v biases: Qwen2, Llama attention_bias;
-                                           + d o_proj bias: Llama attention_bias)
-    mlp         = 3·d·f  (+ 2·f + d with Llama mlp_bias)
-    layer       = attention + mlp + 2·d (two RMSNorm weights)
-    base        = V·d (embedding) + L·layer + d (final norm) + V·d (lm_head, absent when tied)
-    char heads  = d·k·C  (one bias-free [d, k·C] projection)
-    total P     = base + char heads
-    trainable T = char heads + N·mlp            frozen = P − T
-    largest module = the module with the most direct parameters (embedding or lm_head at real sizes);
-                     the same figure as DeepSpeed's `model_to_params`.
+Parameter counts: `spellm_ds.plan.shapes` (exact, from the config's tensor shapes).
 
 Model states per GPU (ZeRO-3, bf16 weights, fp32 Adam; DeepSpeed keeps optimizer state only for
 parameters that require grad):
@@ -89,14 +79,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 from spellm_ds.config.schema import Section, positive
 from spellm_ds.errors import SpellmError
-from spellm_ds.jsonio import read_json
+from spellm_ds.plan.shapes import ModelShape
 
 GIB = 1024**3
-SUPPORTED_ARCHS = ("llama", "mistral", "qwen2")
 
 BF16 = 2
 FP32 = 4
@@ -104,146 +92,54 @@ GRAD_BYTES = BF16 + FP32  # bf16 reduce-scatter partition + fp32 copy made at st
 OPTIM_BYTES = FP32 * 3  # fp32 master + Adam m + Adam v
 
 
-@dataclass(frozen=True, kw_only=True)
-class ModelShape:
-    """The shape figures of a decoder-only HF causal LM that decide its parameter count."""
-
-    arch: str
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    vocab_size: int
-    tied_embeddings: bool
-    qkv_bias: bool = False
-    o_bias: bool = False
-    mlp_bias: bool = False
-
-    @classmethod
-    def from_hf_config(cls, cfg: dict, where: str = "config.json") -> ModelShape:
-        """Read the fields of a Llama, Mistral or Qwen2 config.json dict (missing ones reported at once)."""
-        arch = str(cfg.get("model_type", "")).lower()
-        if arch not in SUPPORTED_ARCHS:
-            raise SpellmError(
-                f"{where}: model_type {cfg.get('model_type')!r} is not supported by plan "
-                f"(supported: {', '.join(SUPPORTED_ARCHS)})"
-            )
-        required = (
-            "hidden_size",
-            "intermediate_size",
-            "num_hidden_layers",
-            "num_attention_heads",
-            "vocab_size",
-        )
-        problems = [f"missing field {name!r}" for name in required if name not in cfg]
-        for name in (*required, "num_key_value_heads", "head_dim"):
-            value = cfg.get(name)
-            if name in cfg and value is not None and (not isinstance(value, int) or value < 1):
-                problems.append(f"field {name!r} must be a positive integer, got {value!r}")
-        if problems:
-            raise SpellmError(f"{where}: " + "; ".join(problems))
-        d, heads = cfg["hidden_size"], cfg["num_attention_heads"]
-        head_dim = cfg.get("head_dim") or d // heads
-        kv = cfg.get("num_key_value_heads") or heads
-        if heads % kv:
-            raise SpellmError(
-                f"{where}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv}"
-            )
-        attention_bias = bool(cfg.get("attention_bias", False))
-        return cls(
-            arch=arch,
-            hidden_size=d,
-            intermediate_size=cfg["intermediate_size"],
-            num_layers=cfg["num_hidden_layers"],
-            num_heads=heads,
-            num_kv_heads=kv,
-            head_dim=head_dim,
-            vocab_size=cfg["vocab_size"],
-            tied_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            qkv_bias=arch == "qwen2" or (arch == "llama" and attention_bias),
-            o_bias=arch == "llama" and attention_bias,
-            mlp_bias=arch == "llama" and bool(cfg.get("mlp_bias", False)),
-        )
-
-    @property
-    def attention_params(self) -> int:
-        """Parameters of one attention block (q, k, v, o projections and biases)."""
-        d, qdim, kvdim = self.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        n = d * qdim + 2 * d * kvdim + qdim * d
-        if self.qkv_bias:
-            n += qdim + 2 * kvdim
-        if self.o_bias:
-            n += d
-        return n
-
-    @property
-    def mlp_params(self) -> int:
-        """Parameters of one SwiGLU MLP (gate, up, down)."""
-        d, f = self.hidden_size, self.intermediate_size
-        return 3 * d * f + ((2 * f + d) if self.mlp_bias else 0)
-
-    @property
-    def layer_params(self) -> int:
-        """Parameters of one decoder layer (attention, MLP, two RMSNorm weights)."""
-        return self.attention_params + self.mlp_params + 2 * self.hidden_size
-
-    @property
-    def embedding_params(self) -> int:
-        """Input embedding parameters."""
-        return self.vocab_size * self.hidden_size
-
-    @property
-    def lm_head_params(self) -> int:
-        """Separate lm_head parameters (0 when tied to the embedding)."""
-        return 0 if self.tied_embeddings else self.vocab_size * self.hidden_size
-
-    @property
-    def base_params(self) -> int:
-        """All parameters of the HF model (tied weights counted once)."""
-        return (
-            self.embedding_params
-            + self.num_layers * self.layer_params
-            + self.hidden_size
-            + self.lm_head_params
-        )
-
-    @property
-    def largest_module_params(self) -> int:
-        """Direct parameters of the largest single module (what ZeRO-3 must gather whole)."""
-        d, f = self.hidden_size, self.intermediate_size
-        qdim, kvdim = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        linears = [
-            d * f + (f if self.mlp_bias else 0),
-            f * d + (d if self.mlp_bias else 0),
-            d * qdim + (qdim if self.qkv_bias else 0),
-            d * kvdim + (kvdim if self.qkv_bias else 0),
-            qdim * d + (d if self.o_bias else 0),
-        ]
-        return max(self.embedding_params, *linears)
-
-
 @dataclass(kw_only=True)
 class PlanInputs(Section):
     """Cluster size and run shape the plan is made for."""
 
-    nodes: int
-    gpus_per_node: int
-    gpu_mem_gib: float = 80.0  # memory of one GPU in GiB
-    seq_len: int = 4096  # tokens per sequence
-    micro_batch: int = 1  # sequences per GPU per micro-step
-    grad_accum: int = 1  # micro-steps per optimizer step
-    trainable_layers: int = 5  # N: MLPs of the last N decoder layers train
-    k: int = 10  # char heads
-    num_chars: int = 105  # charset size |C|
-    hpz: int | None = None  # node-local secondary partition size; None: GPUs per node on >1 node, else 1
-    reg_chunk_tokens: int = 1024  # tokens per chunk of the lm_head regulariser
-    tail_resident: bool = False  # the backward's parameters stay gathered from forward to backward
-    reserve_gib: float = 4.0  # CUDA context, NCCL buffers, fragmentation
-    inter_node_gbs: float = 50.0  # per-GPU bus bandwidth across nodes, GB/s (400 Gb/s NIC per GPU)
-    intra_node_gbs: float = 300.0  # per-GPU bus bandwidth inside a node, GB/s (NVLink class)
-    online: bool = False  # teacher: online (a frozen copy of the N original MLPs; the tail runs twice)
+    nodes: int = field(metadata={"help": "nodes in the job"})
+    gpus_per_node: int = field(metadata={"help": "GPUs per node"})
+    gpu_mem_gib: float = field(
+        default=80.0, metadata={"help": "memory per GPU in GiB", "flag": "--gpu-mem-gb"}
+    )
+    seq_len: int = field(default=4096, metadata={"help": "tokens per sequence"})
+    micro_batch: int = field(default=1, metadata={"help": "sequences per GPU per micro-step"})
+    grad_accum: int = field(default=1, metadata={"help": "micro-steps per optimizer step (traffic)"})
+    trainable_layers: int = field(
+        default=5, metadata={"help": "N: the MLPs of the last N decoder layers train"}
+    )
+    k: int = field(default=10, metadata={"help": "char heads"})
+    num_chars: int = field(default=105, metadata={"help": "charset size |C|"})
+    hpz: int | None = field(
+        default=None,
+        metadata={
+            "help": "hpZ (node-local secondary partition) size; unset: GPUs per node on >1 node, else off"
+        },
+    )
+    reg_chunk_tokens: int = field(
+        default=1024, metadata={"help": "tokens per chunk of the lm_head regulariser", "flag": "--reg-chunk"}
+    )
+    tail_resident: bool = field(
+        default=False,
+        metadata={
+            "help": "the trainable tail stays gathered from forward to backward (stage3_max_reuse_distance)"
+        },
+    )
+    reserve_gib: float = field(
+        default=4.0, metadata={"help": "GiB kept for CUDA, NCCL and fragmentation", "flag": "--reserve-gb"}
+    )
+    inter_node_gbs: float = field(
+        default=50.0, metadata={"help": "per-GPU bus bandwidth across nodes, GB/s (400 Gb/s NIC per GPU)"}
+    )
+    intra_node_gbs: float = field(
+        default=300.0, metadata={"help": "per-GPU bus bandwidth inside a node, GB/s (NVLink class)"}
+    )
+    online: bool = field(
+        default=False,
+        metadata={
+            "help": "teacher: online: add the frozen copy of the N original MLPs and the teacher's FLOPs "
+            "per token"
+        },
+    )
 
     def problems(self) -> list[str]:
         problems: list[str] = []
@@ -364,15 +260,6 @@ class Plan:
         return out
 
 
-def load_model_shape(path: str | Path) -> ModelShape:
-    """Read an HF config.json (a file or a model directory holding one)."""
-    p = Path(path)
-    if p.is_dir():
-        p = p / "config.json"
-    cfg = read_json(p, "HF model config")
-    return ModelShape.from_hf_config(cfg, where=str(p))
-
-
 def make_plan(model: ModelShape, inputs: PlanInputs) -> Plan:
     """Compute the plan's figures for one model shape and cluster (formulas in the module docstring)."""
     if inputs.trainable_layers > model.num_layers:
@@ -466,86 +353,3 @@ def make_plan(model: ModelShape, inputs: PlanInputs) -> Plan:
         else 0,
         extra={"hpz_for_traffic": hp},
     )
-
-
-def _gib(n: int | float) -> str:
-    return f"{n / GIB:8.2f} GiB"
-
-
-def _row(label: str, nbytes: int) -> str:
-    return f"  {label:<28}{_gib(nbytes)}"
-
-
-def _count(n: int) -> str:
-    return f"{n:>15,} ({n / 1e9:6.2f} B)"
-
-
-def format_plan(plan: Plan) -> str:
-    """Render a plan as an aligned text report."""
-    m, i = plan.model, plan.inputs
-    hpz = i.hpz_size
-    lines = [
-        f"model      {m.arch}: d={m.hidden_size} ffn={m.intermediate_size} layers={m.num_layers} "
-        f"heads={m.num_heads}/{m.num_kv_heads}kv vocab={m.vocab_size} tied={str(m.tied_embeddings).lower()}",
-        f"cluster    {i.nodes} node(s) x {i.gpus_per_node} GPU(s) = {i.world_size} GPUs, "
-        f"{i.gpu_mem_gib:g} GiB each, hpZ partition {hpz if hpz > 1 else 'off'}",
-        f"run        seq {i.seq_len}, micro-batch {i.micro_batch}, grad-accum {i.grad_accum}, "
-        f"trainable layers {i.trainable_layers}, k={i.k} x |C|={i.num_chars}",
-        "",
-        "parameters",
-        f"  total (base + char heads)   {_count(plan.total_params)}",
-        f"  base model                  {_count(plan.base_params)}",
-        f"  char heads                  {_count(plan.char_head_params)}",
-        f"  trainable                   {_count(plan.trainable_params)}",
-        f"  frozen                      {_count(plan.frozen_params)}",
-        f"  largest module              {_count(plan.largest_module_params)}",
-        "",
-        "memory per GPU",
-        f"  params bf16 /{i.world_size:<4}           {_gib(plan.params_bytes)}",
-        f"  hpZ secondary copy /{hpz:<4}    {_gib(plan.hpz_bytes)}",
-        f"  gradients (trainable)       {_gib(plan.grads_bytes)}",
-        f"  optimizer (trainable)       {_gib(plan.optimizer_bytes)}",
-        f"  gather working set          {_gib(plan.gather_working_bytes)}",
-        f"  activations, tail w/ grad   {_gib(plan.tail_activation_bytes)}",
-        f"  activations, heads          {_gib(plan.head_activation_bytes)}",
-        f"  activations, one layer      {_gib(plan.transient_activation_bytes)}   (no-grad / backward)",
-        f"  regulariser chunk           {_gib(plan.activation_fixed_bytes)}",
-        f"  reserve                     {_gib(plan.reserve_bytes)}",
-        f"  total                       {_gib(plan.total_bytes)} of {_gib(plan.gpu_bytes).strip()}",
-        f"  exact fallback, inference   {_gib(plan.exact_fallback_bytes)}   (not in total: "
-        f"{i.trainable_layers} original MLPs + KV, {i.micro_batch} x {i.seq_len} tokens)",
-        "",
-        "all-gather per GPU per optimizer step (bytes received)",
-        _row(f"without hpZ: {i.world_size} GPUs", plan.gather_without_hpz.global_bytes)
-        + f"   (>= {plan.gather_without_hpz.seconds:.2f} s)",
-    ]
-    wh = plan.gather_with_hpz
-    if wh is plan.gather_without_hpz:
-        lines.append("  with hpZ: not applicable (1 GPU per node)")
-    else:
-        hp = plan.extra["hpz_for_traffic"]
-        lines += [
-            _row(f"with hpZ {hp}: {i.world_size} GPUs", wh.global_bytes) + "   (trainable, after every step)",
-            _row(f"  + inside the node ({hp} GPUs)", wh.node_bytes) + f"   (>= {wh.seconds:.2f} s in all)",
-            _row("  + first step only", wh.first_step_extra_bytes) + f"   (frozen, {i.world_size} GPUs)",
-        ]
-    lines += [_row("gradient reduce-scatter", plan.reduce_scatter_bytes) + f"   ({i.world_size} GPUs)"]
-    if i.online:
-        share = plan.online_teacher_flops_per_token / max(1, plan.teacher_forward_flops_per_token)
-        lines += [
-            "",
-            "online teacher (teacher: online)",
-            f"  original MLP copies         {_count(plan.online_teacher_params)}   "
-            f"({i.trainable_layers} MLPs, frozen)",
-            _row("their memory per GPU", plan.online_teacher_bytes) + "   (included in params / hpZ above)",
-            f"  teacher FLOPs per token     {plan.online_teacher_flops_per_token / 1e9:10.2f} GFLOP   "
-            f"({100 * share:.1f}% of a full teacher forward, "
-            f"{plan.teacher_forward_flops_per_token / 1e9:.2f} GFLOP, at seq {i.seq_len})",
-            "  offline instead: one teacher forward per token to build shards, then none in training",
-        ]
-    lines += [
-        "",
-        f"verdict    {'FITS' if plan.fits else 'DOES NOT FIT'} at micro-batch {i.micro_batch}; "
-        f"largest micro-batch that fits: {plan.max_micro_batch}",
-    ]
-    return "\n".join(lines)
