@@ -14,12 +14,14 @@ from typing import Literal
 import pytest
 
 from spellm_ds.cli.args import add_config_arguments, config_from_args
+from spellm_ds.config.schema import Section
 from spellm_ds.data.build import BuildConfig
+from spellm_ds.errors import SpellmError
 from spellm_ds.plan.estimate import PlanInputs
 
 
 @dataclass(kw_only=True)
-class _Toy:
+class _Toy(Section):
     name: str = field(metadata={"help": "a name"})
     inputs: list[str] = field(metadata={"help": "files", "flag": "--input", "metavar": "FILE"})
     mode: Literal["a", "b"] = field(default="a", metadata={"help": "which mode"})
@@ -137,3 +139,40 @@ def test_subcommand_help_shows_the_dataclass_defaults(command, cls, required, ex
     from spellm_ds.cli import build_parser
 
     assert config_from_args(cls, build_parser().parse_args([*command, *required])) == expected
+
+
+def _file_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="toy")
+    add_config_arguments(p, _Toy, config_file=True)
+    return p
+
+
+def test_a_config_file_gives_values_and_flags_override_it(tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("name: from-file\ninputs: [a, b]\nmode: b\nrate: 0.25\nprogress: false\n")
+    args = _file_parser().parse_args(["--config", str(recipe), "--rate", "0.75"])
+    got = config_from_args(_Toy, args)
+    assert got == _Toy(name="from-file", inputs=["a", "b"], mode="b", rate=0.75, progress=False)
+    args = _file_parser().parse_args(["--config", str(recipe), "--name", "flag", "--input", "c"])
+    assert config_from_args(_Toy, args).name == "flag"
+    assert config_from_args(_Toy, args).inputs == ["c"]
+
+
+def test_config_file_problems_name_the_file_and_the_key(tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("name: x\ninputs: [a]\nrat: 0.25\nmode: c\nlimit: many\n")
+    with pytest.raises(SpellmError) as err:
+        config_from_args(_Toy, _file_parser().parse_args(["--config", str(recipe)]))
+    text = str(err.value)
+    assert str(recipe) in text
+    assert "unknown key 'rat' (did you mean 'rate'?)" in text
+    assert "mode='c' is not one of a, b" in text
+    assert "limit='many' is not an integer" in text
+    recipe.write_text("mode: b\n")
+    with pytest.raises(SpellmError, match=r"the options --name, --input are required \(or their field names"):
+        config_from_args(_Toy, _file_parser().parse_args(["--config", str(recipe)]))
+    recipe.write_text("- a list\n")
+    with pytest.raises(SpellmError, match="expected a mapping of option names, got list"):
+        config_from_args(_Toy, _file_parser().parse_args(["--config", str(recipe)]))
+    with pytest.raises(SpellmError, match="cannot read"):
+        config_from_args(_Toy, _file_parser().parse_args(["--config", str(tmp_path / "absent.yaml")]))

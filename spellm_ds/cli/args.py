@@ -5,6 +5,11 @@ Every field becomes one option: `--field-name` (or `metadata["flag"]`), its type
 values, and a bool as a switch that flips its default (`--name` when the default is False, `--no-name`
 when it is True). The help is `metadata["help"]` followed by the default the dataclass declares.
 `config_from_args` builds the dataclass back from the parsed options.
+
+With `config_file=True` the command also takes `--config FILE`: a YAML mapping of the same fields
+(field names, not flags), validated by `spellm_ds.config.schema.build` with the file named in every
+problem; options given on the command line override the file, and a field without default must come
+from one of the two.
 """
 
 from __future__ import annotations
@@ -13,7 +18,13 @@ import argparse
 import dataclasses
 import types
 import typing
+from pathlib import Path
 from typing import Any, Literal, TypeVar
+
+import yaml
+
+from spellm_ds.config.schema import ConfigError, build
+from spellm_ds.errors import SpellmError
 
 T = TypeVar("T")
 
@@ -52,8 +63,17 @@ def default_text(value: Any) -> str:
     return str(value)
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
-    """Add one option per field of dataclass `cls` (fields named in `skip` left out)."""
+def add_config_arguments(
+    parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = (), config_file: bool = False
+) -> None:
+    """Add one option per field of dataclass `cls` (fields named in `skip` left out), and `--config`."""
+    if config_file:
+        parser.add_argument(
+            "--config",
+            metavar="FILE",
+            default=None,
+            help="YAML mapping of these options by field name (e.g. seq_len: 2048); flags given override it",
+        )
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         if f.name in skip or not f.init:
@@ -77,15 +97,44 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple
                 kwargs["metavar"] = f.metadata["metavar"]
             if default is not None and default is not dataclasses.MISSING:
                 helptext += f" (default: {default_text(default)})".replace("%", "%%")
-        if default is dataclasses.MISSING:
+        if config_file:
+            kwargs["default"] = argparse.SUPPRESS  # absent unless given, so the file's value stands
+        elif default is dataclasses.MISSING:
             kwargs["required"] = True
         else:
             kwargs["default"] = default
         parser.add_argument(option_flag(f), help=helptext, **kwargs)
 
 
+def _read_mapping(path: str) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise SpellmError(f"--config {path}: cannot read ({exc})") from exc
+    except yaml.YAMLError as exc:
+        raise SpellmError(f"--config {path}: not valid YAML ({exc})") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise SpellmError(f"--config {path}: expected a mapping of option names, got {type(data).__name__}")
+    return data
+
+
 def config_from_args(cls: type[T], args: argparse.Namespace, **values: Any) -> T:
-    """Build dataclass `cls` from parsed options (and `values` for fields that are no option)."""
-    names = {f.name for f in dataclasses.fields(cls) if f.init}
-    given = {name: getattr(args, name) for name in names if hasattr(args, name) and name not in values}
-    return cls(**given, **values)
+    """Build dataclass `cls` from parsed options, over a `--config` file when one was given."""
+    fields = [f for f in dataclasses.fields(cls) if f.init]
+    given = {f.name: getattr(args, f.name) for f in fields if hasattr(args, f.name) and f.name not in values}
+    source = getattr(args, "config", None)
+    data = _read_mapping(source) if source else {}
+    data.update(given)
+    data.update(values)
+    missing = [f for f in fields if f.name not in data and _default(f) is dataclasses.MISSING]
+    if missing:
+        names = ", ".join(option_flag(f) for f in missing)
+        where = f" (or their field names in {source})" if source else " (or a --config file naming them)"
+        raise SpellmError(f"the options {names} are required{where}")
+    problems: list[str] = []
+    obj, ok = build(cls, data, "", problems)
+    if not ok:
+        raise ConfigError(f"options{f' and {source}' if source else ''}", problems)
+    return obj

@@ -49,7 +49,7 @@ def _add_build_shards(sub: argparse._SubParsersAction) -> None:
         description="Build teacher top-k shards. The same command works alone, under mpirun/srun/torchrun "
         "and as SLURM array tasks (each builds disjoint shards); a rerun builds only missing shards.",
     )
-    add_config_arguments(p, BuildConfig)
+    add_config_arguments(p, BuildConfig, config_file=True)
     p.set_defaults(func=_run_build_shards)
 
 
