@@ -204,7 +204,8 @@ def test_generic_layout_by_probing():
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from spellm_ds.errors import SpellmError
-    from spellm_ds.model.student import SpeLLMModel, find_layout, trainable_parameter_names
+    from spellm_ds.model.layouts import find_layout
+    from spellm_ds.model.student import SpeLLMModel, trainable_parameter_names
 
     torch.manual_seed(0)
     cfg = GPT2Config(

@@ -1,10 +1,7 @@
 """The SpeLLM student: an HF causal LM body plus k parallel char heads, with freezing and ZeRO-3 building.
 
-Layout registry. `LAYOUTS` maps an HF `model_type` to attribute paths (from the causal LM) of the
-transformer body, its decoder layers, the MLP inside one layer and the final norm; the lm_head is
-always `get_output_embeddings()`. Llama, Qwen2 and Mistral are listed; any other model is probed
-(`_PROBE`: `model`/`transformer`/`gpt_neox` bodies, `layers`/`h` lists, `mlp`/`feed_forward`, and
-`norm`/`ln_f`/`final_layernorm` norms). Add a line to `LAYOUTS` for a model the probe does not fit.
+Layouts. Where each architecture keeps its body, decoder layers, MLPs and final norm is
+`spellm_ds.model.layouts` (`find_layout`, the registry `LAYOUTS` and a probe for other models).
 
 Forward. The body is the HF module itself (rotary embeddings, causal mask, attention backends stay
 HF's), called with `use_cache=False`; its `last_hidden_state` is the final *normed* hidden state. The
@@ -48,86 +45,15 @@ import torch
 from torch import Tensor, nn
 from transformers.utils import ModelOutput
 
+from spellm_ds.dtypes import torch_dtype
 from spellm_ds.errors import SpellmError
 from spellm_ds.jsonio import read_json
+from spellm_ds.model.layouts import find_layout, resolve_path
 from spellm_ds.train import losses
-
-
-@dataclass(frozen=True, kw_only=True)
-class Layout:
-    """Where a causal LM keeps its parts, as dotted attribute paths."""
-
-    body: str  # causal LM -> transformer body whose forward returns the final normed hidden state
-    layers: str  # causal LM -> ModuleList of decoder layers
-    mlp: str  # decoder layer -> its MLP (the trainable part of the last N layers)
-    norm: str  # causal LM -> final norm (inside the body; located for export and checks)
-
-
-LAYOUTS: dict[str, Layout] = {
-    "llama": Layout(body="model", layers="model.layers", mlp="mlp", norm="model.norm"),
-    "qwen2": Layout(body="model", layers="model.layers", mlp="mlp", norm="model.norm"),
-    "mistral": Layout(body="model", layers="model.layers", mlp="mlp", norm="model.norm"),
-}
-
-_PROBE = {
-    "body": ("model", "transformer", "gpt_neox"),
-    "layers": ("layers", "h"),
-    "mlp": ("mlp", "feed_forward"),
-    "norm": ("norm", "ln_f", "final_layernorm", "final_layer_norm"),
-}
 
 # Keeps transformers' ZeRO-3 switch alive (it holds only a weak reference): while it lives,
 # `from_pretrained` builds inside `deepspeed.zero.Init` and partitions at load.
 _HF_DS_CONFIG: Any = None
-
-
-def _get(obj: Any, path: str) -> Any:
-    for part in path.split("."):
-        obj = getattr(obj, part, None)
-        if obj is None:
-            return None
-    return obj
-
-
-def find_layout(model: nn.Module) -> Layout:
-    """The layout of an HF causal LM: from `LAYOUTS` by model_type, else by probing attributes."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type in LAYOUTS:
-        layout = LAYOUTS[model_type]
-    else:
-        body = next((b for b in _PROBE["body"] if isinstance(_get(model, b), nn.Module)), None)
-        layers = next(
-            (
-                f"{body}.{x}"
-                for x in _PROBE["layers"]
-                if body and isinstance(_get(model, f"{body}.{x}"), nn.ModuleList)
-            ),
-            None,
-        )
-        first = _get(model, layers)[0] if layers and len(_get(model, layers)) else None
-        mlp = next(
-            (m for m in _PROBE["mlp"] if first is not None and isinstance(_get(first, m), nn.Module)), None
-        )
-        norm = next(
-            (f"{body}.{n}" for n in _PROBE["norm"] if body and _get(model, f"{body}.{n}") is not None), None
-        )
-        missing = [
-            n for n, v in (("body", body), ("layers", layers), ("mlp", mlp), ("norm", norm)) if v is None
-        ]
-        if missing:
-            raise SpellmError(
-                f"model_type {model_type!r}: cannot locate {', '.join(missing)} by probing; "
-                "add its layout to spellm_ds.model.student.LAYOUTS"
-            )
-        layout = Layout(body=body, layers=layers, mlp=mlp, norm=norm)
-    for name, path in (("body", layout.body), ("layers", layout.layers), ("norm", layout.norm)):
-        if _get(model, path) is None:
-            raise SpellmError(
-                f"model_type {model_type!r}: layout path {name}={path!r} not found in the model"
-            )
-    if model.get_output_embeddings() is None:
-        raise SpellmError(f"model_type {model_type!r} has no output embeddings (lm_head)")
-    return layout
 
 
 @dataclass
@@ -214,7 +140,7 @@ class SpeLLMModel(nn.Module):
             raise SpellmError(f"k={k} and num_chars={num_chars} must be >= 1 and >= 2")
         self.base = base
         self.layout = find_layout(base)
-        layers = _get(base, self.layout.layers)
+        layers = resolve_path(base, self.layout.layers)
         n_layers = len(layers)
         if not 0 <= trainable_layers <= n_layers:
             raise SpellmError(
@@ -231,7 +157,7 @@ class SpeLLMModel(nn.Module):
             p.requires_grad_(False)
         first = n_layers - trainable_layers
         for layer in list(layers)[first:]:
-            mlp = _get(layer, self.layout.mlp)
+            mlp = resolve_path(layer, self.layout.mlp)
             if mlp is None:
                 raise SpellmError(f"decoder layer has no {self.layout.mlp!r} module ({type(layer).__name__})")
             for p in mlp.parameters():
@@ -257,12 +183,12 @@ class SpeLLMModel(nn.Module):
     @property
     def body(self) -> nn.Module:
         """The transformer body (embeddings, decoder layers, final norm)."""
-        return _get(self.base, self.layout.body)
+        return resolve_path(self.base, self.layout.body)
 
     @property
     def layers(self) -> nn.ModuleList:
         """The decoder layers."""
-        return _get(self.base, self.layout.layers)
+        return resolve_path(self.base, self.layout.layers)
 
     @property
     def lm_head(self) -> nn.Module:
@@ -467,15 +393,6 @@ def check_model(model_path: str | os.PathLike, trainable_layers: int) -> int:
     return n_layers
 
 
-_DTYPES = {
-    "fp32": torch.float32,
-    "float32": torch.float32,
-    "bf16": torch.bfloat16,
-    "bfloat16": torch.bfloat16,
-}
-_DTYPES |= {"fp16": torch.float16, "float16": torch.float16}
-
-
 def build_spellm_model(
     model_path: str | os.PathLike,
     k: int,
@@ -488,6 +405,7 @@ def build_spellm_model(
 ) -> SpeLLMModel:
     """Load a local HF causal LM and wrap it; with a ZeRO-3 `ds_config` it is partitioned at load.
 
+    `dtype` is a torch dtype or its name in `spellm_ds.dtypes` (float32, bfloat16, float16);
     `online_teacher` adds the frozen copy of the trained layers' original MLPs (`spellm_ds.model.teacher`).
     """
     global _HF_DS_CONFIG
@@ -495,9 +413,7 @@ def build_spellm_model(
 
     check_model(model_path, trainable_layers)
     if isinstance(dtype, str):
-        if dtype not in _DTYPES:
-            raise SpellmError(f"dtype {dtype!r} is not one of {', '.join(_DTYPES)}")
-        dtype = _DTYPES[dtype]
+        dtype = torch_dtype(dtype, "model dtype")
     cfg = load_ds_config(ds_config)
     if zero_stage(cfg) == 3:
         import deepspeed

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from spellm_ds.errors import SpellmError
+from spellm_ds.model.layouts import resolve_path
 
 TAIL_ATTENTION = ("eager", "sdpa")  # attention implementations the original tail's 4-D mask supports
 
@@ -109,8 +110,6 @@ def run_original_tail(
     columns; `cache` (a KV cache object the layers accept) holds the K/V of the columns before `start`
     (None: `start` is 0 and nothing is cached).
     """
-    from spellm_ds.model.student import _get
-
     layers = model.layers
     config = model.base.config
     check_attention(config)
@@ -136,7 +135,7 @@ def run_original_tail(
             **kw,
         )
         x = out[0] if isinstance(out, tuple) else out
-    return _get(model.base, model.layout.norm)(x)
+    return resolve_path(model.base, model.layout.norm)(x)
 
 
 # ---------------------------------------------------------------------------------------------------------
