@@ -9,9 +9,11 @@ import re
 import subprocess
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import pytest
+import yaml
 
 from spellm_ds.cli.args import add_config_arguments, config_from_args
 from spellm_ds.config.schema import Section
@@ -176,3 +178,21 @@ def test_config_file_problems_name_the_file_and_the_key(tmp_path):
         config_from_args(_Toy, _file_parser().parse_args(["--config", str(recipe)]))
     with pytest.raises(SpellmError, match="cannot read"):
         config_from_args(_Toy, _file_parser().parse_args(["--config", str(tmp_path / "absent.yaml")]))
+
+
+RECIPES = sorted((Path(__file__).resolve().parents[1] / "data_prep" / "recipes").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=[p.stem for p in RECIPES])
+def test_data_prep_recipes_are_valid_build_configs(recipe):
+    from spellm_ds.cli import build_parser
+
+    cfg = config_from_args(BuildConfig, build_parser().parse_args(["build-shards", "--config", str(recipe)]))
+    written = yaml.safe_load(recipe.read_text())
+    assert {name: getattr(cfg, name) for name in written} == written
+    override = build_parser().parse_args(["build-shards", "--config", str(recipe), "--max-samples", "8"])
+    assert config_from_args(BuildConfig, override).max_samples == 8
+
+
+def test_there_are_recipes():
+    assert len(RECIPES) >= 3
