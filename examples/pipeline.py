@@ -30,7 +30,9 @@ from spellm_ds.errors import SpellmError
 
 REPO = Path(__file__).resolve().parents[1]
 
-# Source files whose change invalidates a stage (relative to the repository root; globs).
+# Source files whose change invalidates a stage (relative to the repository root; globs). The library's
+# folders are its stages, so a stage names the folders whose code runs in it.
+FLOOR = ["spellm_ds/*.py", "spellm_ds/config/*.py", "spellm_ds/charset/*.py"]
 SOURCES = {
     "teacher": ["examples/demo_teacher.py", "examples/local_models.py"],
     "real_teacher": [
@@ -38,51 +40,22 @@ SOURCES = {
         "spellm_ds/model/gguf_import.py",
         "examples/demo_teacher.py",
     ],
-    "shards": [
-        "spellm_ds/data/build.py",
-        "spellm_ds/data/corpus.py",
-        "spellm_ds/data/validate.py",
-        "spellm_ds/data/shards.py",
-        "spellm_ds/fingerprint.py",
-        "spellm_ds/jsonio.py",
-    ],
-    "train": [
-        "spellm_ds/train/loop.py",
-        "spellm_ds/model/student.py",
-        "spellm_ds/train/losses.py",
-        "spellm_ds/train/warm_start.py",
-        "spellm_ds/model/tail.py",
-        "spellm_ds/model/teacher.py",
-        "spellm_ds/train/monitor.py",
-        "spellm_ds/config/run.py",
-        "spellm_ds/config/schema.py",
-        "spellm_ds/data/loader.py",
-        "spellm_ds/data/epoch_plan.py",
-        "spellm_ds/charset/*.py",
-        "spellm_ds/data/shards.py",
-        "spellm_ds/train/checkpoint.py",
-        "spellm_ds/dist.py",
-    ],
-    "export": [
-        "spellm_ds/export/write.py",
-        "spellm_ds/export/format.py",
-        "spellm_ds/train/checkpoint.py",
-        "spellm_ds/charset/*.py",
-    ],
+    "shards": [*FLOOR, "spellm_ds/data/*.py"],
+    "train": [*FLOOR, "spellm_ds/data/*.py", "spellm_ds/model/*.py", "spellm_ds/train/*.py"],
+    "export": [*FLOOR, "spellm_ds/export/*.py", "spellm_ds/train/*.py"],
     "eval": [
-        "spellm_ds/eval/evaluate.py",
-        "spellm_ds/eval/metrics.py",
-        "spellm_ds/inference/model.py",
-        "spellm_ds/model/tail.py",
-        "spellm_ds/export/format.py",
-        "spellm_ds/charset/*.py",
+        *FLOOR,
+        "spellm_ds/eval/*.py",
+        "spellm_ds/inference/*.py",
+        "spellm_ds/model/*.py",
+        "spellm_ds/export/*.py",
     ],
     "generate": [
-        "spellm_ds/inference/model.py",
-        "spellm_ds/model/tail.py",
-        "spellm_ds/export/format.py",
-        "spellm_ds/charset/*.py",
-        "spellm_ds/eval/compare.py",
+        *FLOOR,
+        "spellm_ds/eval/*.py",
+        "spellm_ds/inference/*.py",
+        "spellm_ds/model/*.py",
+        "spellm_ds/export/*.py",
     ],
 }
 
