@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from spellm_ds.data.epoch_plan import pack_bitmap, unpack_bitmap
-from spellm_ds.data.loader import LoaderConfig, ShardLoader, check_tokenizer, merge_states
+from spellm_ds.data.loader import LoaderConfig, ShardLoader, check_tokenizer
 from spellm_ds.data.shards import (
     ShardEntry,
     encode_sample,
@@ -34,6 +34,7 @@ from spellm_ds.data.shards import (
     shard_name,
     write_shard,
 )
+from spellm_ds.data.state import merge_states
 from spellm_ds.errors import ShardError, SpellmError
 from spellm_ds.jsonio import write_json
 from tests.conftest import REPO_ROOT, free_port

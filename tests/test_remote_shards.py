@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import torch
 
-from spellm_ds.data.loader import ShardReadError
+from spellm_ds.data.remote import ShardReadError
 from spellm_ds.data.shards import shard_name
 from spellm_ds.errors import ShardError
 from tests.test_data import TOTAL, build_dataset, flat, indices, loader

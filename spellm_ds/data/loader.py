@@ -1,6 +1,6 @@
 """Streaming reader for teacher shards: exactly once per epoch across ranks and workers, resumable.
 
-Pipeline (one per DataLoader worker; webdataset stages):
+Pipeline (one per DataLoader worker, `spellm_ds.data.stream.ShardDataset`; webdataset stages):
 
     shard URLs ──► raw (key, payload) from our own tar parser ──► seeded shuffle buffer of raw items
         ──► drop samples already consumed ──► decode survivors ──► batch of B ──► torch tensors
@@ -9,20 +9,9 @@ Pipeline (one per DataLoader worker; webdataset stages):
   ``f"{location}/{name}"``, so `location` may be a local directory or any URL webdataset opens,
   including a ``pipe:`` command that takes the object URL last and writes it to stdout
   (``pipe:curl -sf https://host/ds``, ``pipe:s5cmd cat s3://bucket/ds``, ``pipe:gsutil cat gs://b/ds``).
-- Remote shards (``pipe:`` commands, http(s) URLs, the latter opened with urllib) survive hiccups: a
-  dropped connection, an HTTP 5xx (or 408/425/429), a command that exits non-zero, or a read that gets no
-  byte for ``read_timeout_s`` (a stall) fails one attempt, and the shard is reopened after a backoff of
-  ``retry_backoff_s`` doubling per failure in a row, capped at ``retry_backoff_max_s``. The reader sees
-  one continuous byte stream: a new attempt starts at the byte already handed to the tar parser (an HTTP
-  ``Range`` request when the server honours it, else the first bytes are read again and dropped), so no
-  sample is yielded twice or skipped, and memory stays one read buffer rather than a whole shard. The
-  stream ends only once the transport confirms it (the command exited 0, the body matched its
-  Content-Length, and the shard's ``bytes`` in index.json arrived); a short read is therefore a failed
-  attempt, never a truncated shard. After ``read_retries`` failures in a row (a failure after new bytes
-  arrived starts the count afresh, which stays bounded by the shard's size) or an HTTP 4xx such as 404,
-  `ShardReadError` names the URL and the attempts and stops the run, with or without ``skip_corrupt``.
-  Other URL schemes are opened by webdataset's ``gopen`` once, like a local file; index.json is fetched
-  at start by `spellm_ds.data.shards.read_index` (``gopen`` too), outside these retries.
+- Remote shards (``pipe:`` commands, http(s) URLs) are retried and resumed after dropped connections,
+  stalls and failed commands, without yielding a sample twice (`spellm_ds.data.remote`); one that keeps
+  failing raises `ShardReadError`.
 - Workers send batches at the stored widths as numpy arrays; the main process widens them to the
   contract's tensors (`to_torch`): Long ids, float32 log-probs, bool mask, Long ``sample_index``.
 - Epoch plan (`spellm_ds.data.epoch_plan.plan_epoch`): the global shard list is permuted by (seed, epoch);
@@ -69,33 +58,22 @@ State (`ShardLoader.state_dict`, JSON-safe): ``format``, ``version``, ``dataset`
 was computed from; ``None`` = epoch start; another world size, worker count or batch size re-plans the
 rest from the consumed bitmap, as does a version-1 state, whose plan used whole shards only),
 ``cursor`` (next worker slot per rank; ``None`` for ranks not merged in yet), ``ranks`` (ranks whose
-consumption is merged in), ``corrupt_skipped``, ``corrupt_base``.
+consumption is merged in), ``corrupt_skipped``, ``corrupt_base``. Its format, check and merge live in
+`spellm_ds.data.state`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import http.client
 import itertools
 import json
-import os
-import random
-import re
-import select
-import signal
-import subprocess
-import time
-import urllib.error
-import urllib.request
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
-import webdataset as wds
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader
 
 from spellm_ds.config.schema import Section, positive
 from spellm_ds.data.epoch_plan import (
@@ -107,11 +85,12 @@ from spellm_ds.data.epoch_plan import (
     slot_seed,
     unpack_bitmap,
 )
-from spellm_ds.data.shards import decode_sample, iter_tar_members, key_to_index, read_index
+from spellm_ds.data.remote import RetryPolicy, ShardReadError
+from spellm_ds.data.shards import read_index
+from spellm_ds.data.state import STATE_FORMAT, STATE_VERSION, check_state, merge_states
+from spellm_ds.data.stream import Piece, Shard, ShardDataset, to_torch
 from spellm_ds.errors import ShardError, SpellmError
 
-STATE_FORMAT = "spellm-ds-loader-state"
-STATE_VERSION = 2  # 2: plans split shards between ranks and slots; 1 (whole shards) is re-planned
 FILLER_INDEX = -1
 
 
@@ -177,438 +156,16 @@ class LoaderConfig(Section):
         return p
 
 
-# ---------------------------------------------------------------------------------------------------
-# Remote shard reads
-
-
-class ShardReadError(ShardError):
-    """A remote shard could not be read: its retries ran out or the server refused it for good."""
-
-
-class _TransientError(Exception):
-    """One attempt at a remote read failed in a way the next attempt may not (drop, stall, failed command)."""
-
-
-class _RangeRefusedError(_TransientError):
-    """The server answered a resume request with bytes from another offset; resume without ranges."""
-
-
-class _PermanentError(Exception):
-    """The server's answer rules out a retry (HTTP 404, 403, ...)."""
-
-
-_CHUNK = 1 << 20  # most bytes asked of one connection per read
-_RETRY_HTTP = frozenset({408, 425, 429})  # client-error answers that mean "try again later"
-_CONTENT_RANGE = re.compile(r"^bytes (\d+)-")
-
-
-@dataclass(frozen=True)
-class _RetryPolicy:
-    retries: int
-    backoff_s: float
-    backoff_max_s: float
-    timeout_s: float
-
-    def wait(self, failures: int) -> float:
-        return min(self.backoff_max_s, self.backoff_s * 2 ** (failures - 1))
-
-
-def is_remote(url: str) -> bool:
-    """Whether a shard URL is read over a transport whose failures are retried (``pipe:``, http(s))."""
-    return url.startswith(("pipe:", "http://", "https://"))
-
-
-def _describe(exc: BaseException, timeout: float) -> str:
-    if isinstance(exc, TimeoutError):
-        return f"no data for {timeout:g} s (stalled)"
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-
-
-class _HttpSource:
-    """One GET of a shard, asking for the bytes from `start` on when ranges are in use."""
-
-    def __init__(self, url: str, start: int, timeout: float, use_range: bool) -> None:
-        self.timeout = timeout
-        headers = {"Range": f"bytes={start}-"} if start and use_range else {}
-        try:
-            resp = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout)
-        except urllib.error.HTTPError as exc:
-            exc.close()
-            what = f"HTTP {exc.code} {exc.reason}"
-            if exc.code == 416:
-                raise _RangeRefusedError(what) from None
-            if 400 <= exc.code < 500 and exc.code not in _RETRY_HTTP:
-                raise _PermanentError(what) from None
-            raise _TransientError(what) from None
-        except (OSError, http.client.HTTPException, ValueError) as exc:
-            raise _TransientError(f"cannot connect ({_describe(exc, timeout)})") from None
-        self._resp = resp
-        self.offset = 0  # byte of the shard this response starts at
-        if resp.status == 206:
-            got = _CONTENT_RANGE.match(resp.headers.get("Content-Range", ""))
-            if got is None or int(got.group(1)) != start:
-                self.close()
-                got_range = resp.headers.get("Content-Range")
-                raise _RangeRefusedError(f"asked for bytes {start}- and got {got_range!r}")
-            self.offset = start
-        length = resp.headers.get("Content-Length", "")
-        self.end = self.offset + int(length) if length.isdigit() else None  # where this response ends
-
-    def read(self, n: int) -> bytes:
-        try:
-            return self._resp.read(n)
-        except (OSError, http.client.HTTPException, ValueError) as exc:
-            raise _TransientError(_describe(exc, self.timeout)) from None
-
-    def finish(self) -> None:
-        """Nothing left to confirm: the stream has checked the bytes received against Content-Length."""
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError, http.client.HTTPException, ValueError):
-            self._resp.close()
-
-
-class _PipeSource:
-    """One run of a ``pipe:`` command in its own process group, read with a stall timeout."""
-
-    def __init__(self, cmd: str, timeout: float) -> None:
-        self.timeout, self.offset, self.end = timeout, 0, None
-        self._finished = False
-        try:
-            self._proc = subprocess.Popen(
-                cmd, shell=True, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, start_new_session=True
-            )
-        except OSError as exc:
-            raise _TransientError(f"cannot start the command ({exc})") from None
-        self._fd = self._proc.stdout.fileno()
-        self._poll = select.poll()  # unlike select(), not limited to small descriptor numbers
-        self._poll.register(self._fd, select.POLLIN)
-
-    def read(self, n: int) -> bytes:
-        if not self._poll.poll(self.timeout * 1000):
-            raise _TransientError(f"no output for {self.timeout:g} s (stalled)")
-        try:
-            return os.read(self._fd, n)
-        except OSError as exc:
-            raise _TransientError(_describe(exc, self.timeout)) from None
-
-    def finish(self) -> None:
-        try:
-            status = self._proc.wait(timeout=self.timeout)
-        except subprocess.TimeoutExpired:
-            raise _TransientError(f"the command ran on {self.timeout:g} s after its output ended") from None
-        if status != 0:
-            raise _TransientError(f"the command exited with status {status}")
-        self._finished = True
-
-    def close(self) -> None:
-        if not self._finished:  # stopped early or failed: end the command and whatever it started
-            with contextlib.suppress(OSError):
-                os.killpg(self._proc.pid, signal.SIGKILL)
-        self._proc.stdout.close()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self._proc.wait(timeout=self.timeout)
-
-
-class _RemoteStream:
-    """A remote shard as one forward-only byte stream that reconnects after transient failures.
-
-    An attempt opens the shard at the offset already handed out: an HTTP ``Range`` request when the
-    server honours it, else a fresh GET or a rerun of the ``pipe:`` command whose first bytes are read
-    again and dropped. The reader thus sees every byte once and in order, and memory stays bounded by
-    one read. The end of the stream is reported only after the transport confirmed it: the command
-    exited with status 0, the body matched its Content-Length, and at least index.json's byte count
-    arrived; anything short is a dropped transfer, not a truncated shard.
-    """
-
-    def __init__(self, url: str, size: int | None, policy: _RetryPolicy) -> None:
-        self.url, self.size, self.policy = url, size, policy
-        self.pos = 0  # bytes handed out
-        self.attempts = 0  # connections (or command runs) opened
-        self._failures = 0  # failed attempts since bytes last arrived
-        self._src: _HttpSource | _PipeSource | None = None
-        self._range = True
-        self._done = False
-
-    def _open(self) -> _HttpSource | _PipeSource:
-        self.attempts += 1
-        if self.url.startswith("pipe:"):
-            src: _HttpSource | _PipeSource = _PipeSource(self.url[5:], self.policy.timeout_s)
-        else:
-            src = _HttpSource(self.url, self.pos, self.policy.timeout_s, self._range)
-        try:
-            skip = self.pos - src.offset
-            while skip > 0:
-                data = src.read(min(skip, _CHUNK))
-                if not data:
-                    raise _TransientError(f"stream ended at byte {self.pos - skip}, before the resume point")
-                skip -= len(data)
-        except BaseException:
-            src.close()
-            raise
-        return src
-
-    def _check_end(self, src: _HttpSource | _PipeSource) -> None:
-        src.finish()
-        if src.end is not None and self.pos < src.end:
-            raise _TransientError(f"connection closed after {self.pos} of {src.end} bytes")
-        if self.size is not None and self.pos < self.size:
-            raise _TransientError(f"stream ended after {self.pos} of the {self.size} bytes index.json lists")
-
-    def _close_src(self) -> None:
-        src, self._src = self._src, None
-        if src is not None:
-            src.close()
-
-    def _failed(self, reason: str) -> None:
-        self._close_src()
-        self._failures += 1
-        if self._failures > self.policy.retries:
-            self._done = True
-            raise ShardReadError(
-                f"{self.url}: remote read failed {self._failures} time(s) in a row ({self.attempts} "
-                f"attempt(s) in all, {self.pos} bytes read); last error: {reason}"
-            )
-        time.sleep(self.policy.wait(self._failures))
-
-    def read(self, n: int) -> bytes:
-        """Return up to `n` next bytes of the shard (b"" only at its confirmed end)."""
-        while not self._done and n > 0:
-            try:
-                if self._src is None:
-                    self._src = self._open()
-                data = self._src.read(min(n, _CHUNK))
-                if data:
-                    self.pos += len(data)
-                    self._failures = 0
-                    return data
-                self._check_end(self._src)
-                self._close_src()
-                self._done = True
-            except _TransientError as exc:
-                if isinstance(exc, _RangeRefusedError):
-                    self._range = False
-                self._failed(str(exc))
-            except _PermanentError as exc:
-                self._close_src()
-                self._done = True
-                raise ShardReadError(f"{self.url}: {exc} (not retried)") from None
-        return b""
-
-    def drain(self) -> None:
-        """Read past the end-of-archive marker to the confirmed end, so a failed transfer is noticed."""
-        while self.read(_CHUNK):
-            pass
-
-    def close(self) -> None:
-        """Drop the connection or end the command."""
-        self._done = True
-        self._close_src()
-
-
-def _open_shard(url: str, size: int | None, policy: _RetryPolicy) -> Any:
-    if not is_remote(url):
-        return wds.gopen(url, "rb")
-    if url.startswith("pipe:") and wds.utils.enforce_security:
-        raise ShardReadError(f"{url}: pipe: locations are disabled (WDS_SECURE is set)")
-    return _RemoteStream(url, size, policy)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Worker side
-
-
-@dataclass(frozen=True)
-class _Shard:
-    url: str
-    first: int
-    count: int
-    nbytes: int | None = None  # the shard's size in index.json
-
-
-@dataclass(frozen=True)
-class _Piece:
-    """A worker's share of a shard: the whole shard is read, samples lo..hi-1 are kept."""
-
-    url: str
-    first: int
-    count: int
-    lo: int
-    hi: int
-    nbytes: int | None = None
-
-
-def _collate(samples: list[dict[str, Any]]) -> dict[str, np.ndarray]:
-    # Stored widths cross the process boundary (35 bytes per token with top-5, not 69); the main
-    # process widens them. Plain arrays through the worker queue beat torch shared-memory tensors here.
-    return {
-        "input_ids": np.stack([s["input_ids"] for s in samples]),
-        "topk_ids": np.stack([s["topk_ids"] for s in samples]),
-        "topk_logprobs": np.stack([s["topk_logprobs"] for s in samples]),
-        "loss_mask": np.stack([s["loss_mask"] for s in samples]),
-        "sample_index": np.array([s["index"] for s in samples], dtype=np.int64),
-    }
-
-
 def _keep(item: Any) -> Any:
     return item
-
-
-def to_torch(batch: dict[str, np.ndarray], pin_memory: bool = False) -> dict[str, torch.Tensor]:
-    """Convert a worker batch into the contract's tensors (Long ids, float32 log-probs, bool mask)."""
-    out = {
-        "input_ids": torch.from_numpy(batch["input_ids"].astype(np.int64)),
-        "topk_ids": torch.from_numpy(batch["topk_ids"].astype(np.int64)),
-        "topk_logprobs": torch.from_numpy(batch["topk_logprobs"].astype(np.float32)),
-        "loss_mask": torch.from_numpy(np.ascontiguousarray(batch["loss_mask"], dtype=bool)),
-        "sample_index": torch.from_numpy(np.ascontiguousarray(batch["sample_index"], dtype=np.int64)),
-    }
-    return {k: v.pin_memory() for k, v in out.items()} if pin_memory else out
-
-
-class ShardDataset(IterableDataset):
-    """The batches of one rank's worker slots; DataLoader worker j streams slot (cursor + j) % slots."""
-
-    def __init__(
-        self,
-        *,
-        slots: list[list[_Piece]],
-        cursor: int,
-        consumed: np.ndarray,
-        batch_size: int,
-        seq_len: int,
-        top_k: int,
-        vocab_size: int,
-        seeds: list[int],
-        shuffle: bool,
-        shuffle_buffer: int,
-        partial: bool,
-        skip_corrupt: bool,
-        retry: _RetryPolicy,
-    ) -> None:
-        super().__init__()
-        self.slots = slots
-        self.cursor = cursor
-        self.consumed = consumed
-        self.batch_size = batch_size
-        self.seq_len = seq_len
-        self.top_k = top_k
-        self.vocab_size = vocab_size
-        self.seeds = seeds
-        self.shuffle = shuffle
-        self.shuffle_buffer = shuffle_buffer
-        self.partial = partial
-        self.skip_corrupt = skip_corrupt
-        self.retry = retry
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        """Yield this worker's batches, then one final item carrying leftover skip reports."""
-        info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        if workers != len(self.slots):
-            raise SpellmError(f"DataLoader has {workers} workers but the plan has {len(self.slots)} slots")
-        slot = (self.cursor + worker) % len(self.slots)
-        skipped: list[int] = []
-        try:
-            for batch in self._pipeline(slot, skipped):
-                batch["_slot"] = slot
-                batch["_skipped"], skipped[:] = list(skipped), []
-                yield batch
-        except ShardError as exc:
-            yield {"_error": str(exc), "_read": isinstance(exc, ShardReadError)}
-            return
-        yield {"_final": True, "_skipped": list(skipped)}
-
-    def _pipeline(self, slot: int, skipped: list[int]) -> wds.DataPipeline:
-        consumed = self.consumed
-        shards = list(self.slots[slot])
-        stages: list[Any] = [lambda: iter(shards), self._raw_stage(skipped)]
-        if self.shuffle:
-            rng = random.Random(self.seeds[slot])
-            stages.append(wds.shuffle(self.shuffle_buffer, self.shuffle_buffer, rng=rng))
-        # After the shuffle: a worker's stream of survivors then matches the uninterrupted run's.
-        stages.append(wds.select(lambda item: item[4] <= item[1] < item[5] and not consumed[item[1]]))
-        stages.append(self._decode_stage(skipped))
-        stages.append(wds.batched(self.batch_size, collation_fn=_collate, partial=self.partial))
-        return wds.DataPipeline(*stages)
-
-    def _raw_stage(self, skipped: list[int]) -> Callable[[Iterator[_Piece]], Iterator[tuple]]:
-        consumed, skip, policy = self.consumed, self.skip_corrupt, self.retry
-
-        def raw(shards: Iterator[_Piece]) -> Iterator[tuple[str, int, bytes, str, int, int]]:
-            for shard in shards:
-                seen: set[int] = set()
-                fh = None
-                try:
-                    fh = _open_shard(shard.url, shard.nbytes, policy)
-                    for key, payload in iter_tar_members(fh, shard.url):
-                        index = key_to_index(key)
-                        if not shard.first <= index < shard.first + shard.count or index in seen:
-                            why = "a duplicate" if index in seen else "outside the shard's range"
-                            raise ShardError(
-                                f"{shard.url}/{key}: sample is {why} "
-                                f"[{shard.first}, {shard.first + shard.count}) of index.json"
-                            )
-                        seen.add(index)
-                        yield shard.url, index, payload, key, shard.lo, shard.hi
-                    if isinstance(fh, _RemoteStream):
-                        fh.drain()  # the transfer's end is confirmed, or it fails as a read error
-                    fh, handle = None, fh
-                    handle.close()  # a gopen pipe (other URL schemes) reports its command's exit status here
-                    if len(seen) != shard.count:
-                        raise ShardError(
-                            f"{shard.url}: holds {len(seen)} samples, index.json says {shard.count}"
-                        )
-                except ShardReadError:
-                    raise  # a transfer that kept failing is not corrupt data: never skipped
-                except (ShardError, OSError, ValueError) as exc:
-                    msg = str(exc) if isinstance(exc, ShardError) else f"{shard.url}: cannot read ({exc})"
-                    if not skip:
-                        raise ShardError(msg) from None
-                    lost = np.arange(shard.lo, shard.hi)  # only this piece: other pieces report theirs
-                    skipped.extend(int(i) for i in lost[~consumed[lost]] if int(i) not in seen)
-                finally:
-                    if fh is not None:  # stopped early or failed: close quietly
-                        with contextlib.suppress(OSError, ValueError):
-                            fh.close()
-
-        return raw
-
-    def _decode_stage(self, skipped: list[int]) -> Callable[[Iterator[tuple]], Iterator[dict[str, Any]]]:
-        skip = self.skip_corrupt
-        seq_len, top_k, vocab = self.seq_len, self.top_k, self.vocab_size
-
-        def decode(items: Iterator[tuple[str, int, bytes, str, int, int]]) -> Iterator[dict[str, Any]]:
-            for url, index, payload, key, _, _ in items:
-                where = f"{url}/{key}"
-                try:
-                    sample = decode_sample(payload, where)
-                    if sample["input_ids"].shape[0] != seq_len or sample["topk_ids"].shape[1] != top_k:
-                        raise ShardError(
-                            f"{where}: sample is L={sample['input_ids'].shape[0]}, "
-                            f"K={sample['topk_ids'].shape[1]}; index.json says L={seq_len}, K={top_k}"
-                        )
-                    if sample["vocab_size"] != vocab:
-                        raise ShardError(
-                            f"{where}: vocab_size {sample['vocab_size']} differs from index.json's {vocab}"
-                        )
-                except ShardError:
-                    if not skip:
-                        raise
-                    skipped.append(index)
-                    continue
-                sample["index"] = index
-                yield sample
-
-        return decode
 
 
 # ---------------------------------------------------------------------------------------------------
 # Main-process side
 
 
-def _piece(shard: _Shard, lo: int, hi: int) -> _Piece:
-    return _Piece(shard.url, shard.first, shard.count, lo, hi, shard.nbytes)
+def _piece(shard: Shard, lo: int, hi: int) -> Piece:
+    return Piece(shard.url, shard.first, shard.count, lo, hi, shard.nbytes)
 
 
 def _dataset_fingerprint(index: dict[str, Any]) -> str:
@@ -659,7 +216,7 @@ class ShardLoader:
         self._plan_cache: tuple[Any, ...] | None = None
         self._plan_gen = 0
 
-    def _read_shards(self) -> list[_Shard]:
+    def _read_shards(self) -> list[Shard]:
         shards, spans = [], []
         for e in self.index["shards"]:
             try:
@@ -671,7 +228,7 @@ class ShardLoader:
             nbytes = e.get("bytes")
             if nbytes is not None and (not isinstance(nbytes, int) or isinstance(nbytes, bool) or nbytes < 0):
                 raise SpellmError(f"{self.location}/index.json: shard {name!r} has bad bytes {nbytes!r}")
-            shards.append(_Shard(f"{self.location}/{name}", first, count, nbytes))
+            shards.append(Shard(f"{self.location}/{name}", first, count, nbytes))
             spans.append((first, first + count, name))
         spans.sort()
         for (_, end, a), (start, _, b) in itertools.pairwise(spans):
@@ -774,7 +331,7 @@ class ShardLoader:
             shuffle_buffer=cfg.shuffle_buffer,
             partial=cfg.partial,
             skip_corrupt=cfg.skip_corrupt,
-            retry=_RetryPolicy(
+            retry=RetryPolicy(
                 retries=cfg.read_retries,
                 backoff_s=cfg.retry_backoff_s,
                 backoff_max_s=cfg.retry_backoff_max_s,
@@ -862,7 +419,7 @@ class ShardLoader:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a merged state; at another world size or worker count the rest is re-planned."""
-        _check_state(state)
+        check_state(state)
         if state["dataset"] != {"fingerprint": self.fingerprint, "samples": self.num_samples}:
             raise SpellmError(
                 f"loader state belongs to another dataset (fingerprint {state['dataset']['fingerprint']}, "
@@ -891,48 +448,6 @@ class ShardLoader:
         self._plan_gen += 1
         self._corrupt_base = int(state["corrupt_skipped"])
         self._corrupt_new = 0
-
-
-def _check_state(state: dict[str, Any]) -> None:
-    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-        raise SpellmError(
-            f"not a loader state (format {state.get('format') if isinstance(state, dict) else None!r})"
-        )
-    if state.get("version") not in (1, STATE_VERSION):
-        raise SpellmError(f"loader state version {state.get('version')} is not 1 or {STATE_VERSION}")
-
-
-def merge_states(states: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Merge the states of several ranks: OR of consumed bitmaps, cursors and corrupt counts combined."""
-    if not states:
-        raise SpellmError("merge_states needs at least one state")
-    for s in states:
-        _check_state(s)
-    first = states[0]
-    for field in ("version", "dataset", "seed", "epoch", "plan", "corrupt_base"):
-        values = {json.dumps(s[field], sort_keys=True) for s in states}
-        if len(values) != 1:
-            raise SpellmError(f"loader states disagree on {field!r}; they come from different runs or epochs")
-    count = first["dataset"]["samples"]
-    consumed = np.zeros(count, dtype=bool)
-    cursors: list[int | None] = [None] * first["plan"]["world_size"]
-    ranks: set[int] = set()
-    for s in states:
-        consumed |= unpack_bitmap(s["consumed"], count)
-        for r in s["ranks"]:
-            cursors[r] = s["cursor"][r]
-        ranks.update(s["ranks"])
-    base = int(first["corrupt_base"])
-    total = base + sum(int(s["corrupt_skipped"]) - base for s in states)
-    merged = dict(first)
-    merged.update(
-        consumed=pack_bitmap(consumed),
-        cursor=cursors,
-        ranks=sorted(ranks),
-        corrupt_skipped=total,
-        corrupt_base=total,
-    )
-    return merged
 
 
 def all_gather_state(loader: ShardLoader, group: Any = None) -> dict[str, Any]:
