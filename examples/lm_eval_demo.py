@@ -13,7 +13,7 @@ from the held-out documents and written, JSON lines and YAML, to `<out>/tasks/`:
 - `lm_eval_demo_ppl`: rolling log-likelihood of the first M held-out documents (default 4), each cut to
   about 2,000 characters at a line end; `word_perplexity`, `byte_perplexity`, `bits_per_byte`.
 
-Both run offline through `spellm_ds.eval.harness.evaluate_local` (lm-eval's `simple_evaluate`) for four
+Both run offline through `spellm_ds.eval.local_run.evaluate_local` (lm-eval's `simple_evaluate`) for four
 settings: the teacher with lm-eval's own `hf` model, and the export with the `spellm` model with
 `threshold=none` (the char path alone), `fallback=approximate,threshold=default` and
 `fallback=exact,threshold=default` (the calibrated thresholds). CPU, float32. A table goes to the
@@ -280,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--export", default=EXPORT)
     args = ap.parse_args(argv)
 
-    import spellm_ds.eval.harness as lem  # registers `spellm` with lm-eval
+    import spellm_ds.eval.local_run as lem  # registers `spellm` with lm-eval (spellm_ds.eval.harness)
 
     out = Path(args.out)
     tasks_dir = out / "tasks"

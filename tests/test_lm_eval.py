@@ -42,7 +42,8 @@ from lm_eval.tasks import TaskManager
 
 from spellm_ds.cli import main as cli_main
 from spellm_ds.errors import SpellmError
-from spellm_ds.eval.harness import SpeLLMEvalLM, local_task_dir, parse_threshold
+from spellm_ds.eval.harness import SpeLLMEvalLM, parse_threshold
+from spellm_ds.eval.tasks import local_task_dir
 from spellm_ds.export.write import save_export
 from spellm_ds.model.student import build_spellm_model
 from tests.export_helpers import probe_heads

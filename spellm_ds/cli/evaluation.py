@@ -187,7 +187,7 @@ def _add_lm_eval_local(sub: argparse._SubParsersAction) -> None:
 
 def _run_lm_eval_local(args: argparse.Namespace) -> int:
     try:
-        from spellm_ds.eval.harness import evaluate_local
+        from spellm_ds.eval.local_run import evaluate_local
     except ImportError as exc:
         raise SpellmError(f"{exc}") from None
     from lm_eval.utils import make_table

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from spellm_ds.errors import SpellmError
+from spellm_ds.inference.batching import eos_ids, left_pad
 
 
 def cut_at_end(tokens: list[int], end_ids: set[int]) -> list[int]:
@@ -63,16 +64,6 @@ def agreement_summary(students: list[list[int]], teachers: list[list[int]]) -> d
     }
 
 
-def _left_pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r) :] = torch.tensor(r)
-        mask[i, width - len(r) :] = 1
-    return ids, mask
-
-
 def teacher_greedy(
     model: Any, prompts: list[list[int]], new_tokens: int, pad: int, batch: int
 ) -> list[list[int]]:
@@ -80,7 +71,7 @@ def teacher_greedy(
     out: list[list[int]] = []
     with torch.inference_mode():
         for i in range(0, len(prompts), batch):
-            ids, mask = _left_pad(prompts[i : i + batch], pad)
+            ids, mask = left_pad(prompts[i : i + batch], pad)
             seq = model.generate(
                 ids.to(model.device),
                 attention_mask=mask.to(model.device),
@@ -100,7 +91,7 @@ def student_greedy(
     counters: dict[str, int] = {}
     with torch.inference_mode():
         for i in range(0, len(prompts), batch):
-            ids, mask = _left_pad(prompts[i : i + batch], pad)
+            ids, mask = left_pad(prompts[i : i + batch], pad)
             res = model.generate(ids, mask, max_new_tokens=new_tokens, threshold=threshold, pad_token_id=pad)
             new = res.sequences[:, ids.shape[1] :].cpu()
             paths = res.paths.cpu()
@@ -172,10 +163,7 @@ def compare_generation(
     teacher = AutoModelForCausalLM.from_pretrained(str(teacher_dir), dtype=torch.float32).to(device).eval()
     tok = student.tokenizer
     gen = teacher.generation_config
-    end = gen.eos_token_id if gen.eos_token_id is not None else teacher.config.eos_token_id
-    end_ids = (
-        {int(e) for e in (end if isinstance(end, (list, tuple)) else [end])} if end is not None else set()
-    )
+    end_ids = set(eos_ids(teacher))
     pad = gen.pad_token_id if gen.pad_token_id is not None else (min(end_ids) if end_ids else 0)
     settings = {"no_fallback": None, "with_fallback": student.threshold}
     result: dict[str, Any] = {"threshold": student.threshold, "new_tokens": new_tokens, "settings": {}}

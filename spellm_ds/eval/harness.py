@@ -6,7 +6,7 @@ lm-eval 0.4.x has no plugin entry point, so the module must be imported before l
 `lm_eval.simple_evaluate(model="spellm", ...)`. From the shell, `python -m spellm_ds.eval.harness ARGS`
 imports it and runs lm-eval's own command line with the same arguments, e.g.
 `python -m spellm_ds.eval.harness run --model spellm --model_args pretrained=DIR,fallback=exact --tasks T`.
-`spellm-ds lm-eval-local` (`evaluate_local`) runs local task YAMLs offline.
+`spellm-ds lm-eval-local` (`spellm_ds.eval.local_run.evaluate_local`) runs local task YAMLs offline.
 
 Model arguments (`--model_args`):
 
@@ -62,18 +62,12 @@ each request call logs them on lm-eval's logger (`lm_eval.models.spellm`).
 
 from __future__ import annotations
 
-import copy
-import inspect
-import json
 import logging
 import os
 import sys
-import tempfile
-from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from torch import Tensor
 
 try:
@@ -87,16 +81,16 @@ except ImportError as exc:  # pragma: no cover - depends on the optional extra
 
 from spellm_ds.dist import default_device
 from spellm_ds.errors import SpellmError
-from spellm_ds.inference.model import (
+from spellm_ds.inference.batching import eos_ids, left_pad
+from spellm_ds.inference.decode import (
     AUTOCORRECT,
     EXACT,
     FALLBACK,
     PATH_NAMES,
-    SpeLLMForCausalLM,
     canonical_chars,
     mean_head_entropy,
 )
-from spellm_ds.jsonio import write_text
+from spellm_ds.inference.model import SpeLLMForCausalLM
 
 logger = logging.getLogger("lm_eval.models.spellm")
 
@@ -167,7 +161,7 @@ class SpeLLMEvalLM(HFLM):
         self._kind = "loglikelihood"
         self._paths: Tensor | None = None  # path per position of the last `_model_call` batch
         self._row = 0
-        self._eos = _eos_ids(spellm.model.base)
+        self._eos = eos_ids(spellm.model.base)
         logger.info("spellm: %s, %s fallback, threshold %s", self.export_dir, self.fallback, self.threshold)
 
     # -- counters ------------------------------------------------------------------------------------------
@@ -307,7 +301,7 @@ class SpeLLMEvalLM(HFLM):
         produced = 0  # new tokens of every row still active
         counts = self.counters["generate_until"]
         while active and chunk > 0:
-            ids, am = _left_pad([prompts[i] + new[i] for i in active], pad)
+            ids, am = left_pad([prompts[i] + new[i] for i in active], pad)
             out = sp.generate(
                 ids.to(sp.device),
                 am.to(sp.device),
@@ -351,16 +345,6 @@ class SpeLLMEvalLM(HFLM):
         }
 
 
-def _eos_ids(model: Any) -> list[int]:
-    """The EOS ids that end a row, as transformers' `generate` takes them (generation config, then config)."""
-    ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if ids is None:
-        ids = getattr(model.config, "eos_token_id", None)
-    if ids is None:
-        return []
-    return [int(x) for x in (ids if isinstance(ids, (list, tuple)) else [ids])]
-
-
 def _zero_counts() -> dict[str, int]:
     return {"positions": 0, **{name: 0 for name in PATH_NAMES}}
 
@@ -371,165 +355,6 @@ def _add_paths(counts: dict[str, int], paths: Tensor) -> None:
     for name, n in zip(PATH_NAMES, per):
         counts[name] += int(n)
     counts["positions"] += int(paths.numel())
-
-
-def _left_pad(rows: list[list[int]], pad: int) -> tuple[Tensor, Tensor]:
-    """Left-padded ids `[n, L]` and attention mask of token rows."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        if r:
-            ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
-            mask[i, width - len(r) :] = 1
-    return ids, mask
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Local task directories, offline
-
-
-class _Tagged:
-    """A YAML value under a custom tag (`!function utils.f`), kept as written."""
-
-    def __init__(self, tag: str, value: str) -> None:
-        self.tag, self.value = tag, value
-
-
-class _KeepTagsLoader(yaml.SafeLoader):
-    pass
-
-
-class _KeepTagsDumper(yaml.SafeDumper):
-    pass
-
-
-_KeepTagsLoader.add_multi_constructor(
-    "!", lambda loader, suffix, node: _Tagged("!" + suffix, loader.construct_scalar(node))
-)
-_KeepTagsDumper.add_representer(_Tagged, lambda dumper, t: dumper.represent_scalar(t.tag, t.value))
-
-
-def _absolute(value: Any, base: Path) -> Any:
-    """A `data_files`-style value (str, list, dict) with relative paths found under `base` made absolute."""
-    if isinstance(value, str):
-        if "://" in value or Path(value).is_absolute():
-            return value
-        target = base / value
-        return str(target.resolve()) if target.exists() or any(base.glob(value)) else value
-    if isinstance(value, list):
-        return [_absolute(v, base) for v in value]
-    if isinstance(value, dict):
-        return {k: _absolute(v, base) for k, v in value.items()}
-    return value
-
-
-def local_task_dir(tasks_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
-    """Copy a task directory to `out_dir` with every relative data path made absolute (from the YAML's dir).
-
-    In each YAML, `dataset_kwargs.data_files` / `data_dir` and a `dataset_path` that names an existing
-    local file or directory are read relative to the YAML's own directory, so the copy runs from any
-    working directory; every other file is copied as it is."""
-    src, dst = Path(tasks_dir), Path(out_dir)
-    if not src.is_dir():
-        raise SpellmError(f"task directory {src} does not exist")
-    found = False
-    for path in sorted(src.rglob("*")):
-        rel = path.relative_to(src)
-        target = dst / rel
-        if path.is_dir():
-            target.mkdir(parents=True, exist_ok=True)
-            continue
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if path.suffix not in (".yaml", ".yml"):
-            target.write_bytes(path.read_bytes())
-            continue
-        found = True
-        try:
-            cfg = yaml.load(path.read_text(encoding="utf-8"), Loader=_KeepTagsLoader)
-        except yaml.YAMLError as exc:
-            raise SpellmError(f"{path}: not valid YAML ({exc})") from None
-        if isinstance(cfg, dict):
-            base = path.parent.resolve()
-            kwargs = cfg.get("dataset_kwargs")
-            if isinstance(kwargs, dict):
-                for key in ("data_files", "data_dir"):
-                    if key in kwargs:
-                        kwargs[key] = _absolute(kwargs[key], base)
-            dpath = cfg.get("dataset_path")
-            if isinstance(dpath, str) and (base / dpath).exists() and not Path(dpath).is_absolute():
-                cfg["dataset_path"] = str((base / dpath).resolve())
-        target.write_text(
-            yaml.dump(cfg, Dumper=_KeepTagsDumper, sort_keys=False, allow_unicode=True), encoding="utf-8"
-        )
-    if not found:
-        raise SpellmError(f"task directory {src} holds no task YAML")
-    return dst
-
-
-def evaluate_local(
-    model_dir: str | os.PathLike,
-    tasks_dir: str | os.PathLike,
-    tasks: list[str],
-    *,
-    model_args: str | dict[str, Any] | None = None,
-    model: str = "spellm",
-    output: str | os.PathLike | None = None,
-    limit: int | float | None = None,
-    batch_size: int | str = 1,
-    device: str | None = None,
-    log_samples: bool = False,
-    seed: int = 0,
-) -> dict[str, Any]:
-    """Run lm-eval's `simple_evaluate` on local task YAMLs, offline; the result also holds the counters."""
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import lm_eval
-    from lm_eval.api.registry import get_model
-    from lm_eval.tasks import TaskManager
-    from lm_eval.utils import handle_non_serializable, simple_parse_args_string
-
-    if not tasks:
-        raise SpellmError("no task given")
-    args = simple_parse_args_string(model_args) if isinstance(model_args, str) else dict(model_args or {})
-    args["pretrained"] = str(model_dir)
-    device = default_device(device)
-    with tempfile.TemporaryDirectory(prefix="lm_eval_tasks_") as tmp:
-        include = local_task_dir(tasks_dir, tmp)
-        tm_kwargs: dict[str, Any] = {"include_path": str(include)}
-        if "include_defaults" in inspect.signature(TaskManager.__init__).parameters:
-            tm_kwargs["include_defaults"] = False  # no scan of lm-eval's own task tree
-        manager = TaskManager(**tm_kwargs)
-        missing = [t for t in tasks if t not in manager.all_tasks]
-        if missing:
-            raise SpellmError(f"{tasks_dir} defines no task {', '.join(missing)}")
-        lm = get_model(model).create_from_arg_obj(args, {"batch_size": batch_size, "device": device})
-        results = lm_eval.simple_evaluate(
-            model=lm,
-            tasks=list(tasks),
-            task_manager=manager,
-            limit=limit,
-            log_samples=log_samples,
-            random_seed=seed,
-            numpy_random_seed=seed,
-            torch_random_seed=seed,
-            fewshot_random_seed=seed,
-        )
-    if results is None:  # a rank other than 0
-        return {}
-    if isinstance(lm, SpeLLMEvalLM):
-        results["spellm"] = {
-            "fallback": lm.fallback,
-            "threshold": lm.threshold,
-            "counters": copy.deepcopy(lm.counters),
-            "rates": lm.rates(),
-        }
-    if output is not None:
-        out = Path(output)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        # lm-eval's results hold numpy scalars and other objects its own serialiser turns into JSON
-        write_text(out, json.dumps(results, indent=1, default=handle_non_serializable) + "\n")
-    return results
 
 
 def main(argv: list[str] | None = None) -> None:
