@@ -51,10 +51,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from examples.local_models import make_causal_lm, python_docs_files, train_tokenizer  # noqa: E402
-from spellm_ds import jsonio, shards  # noqa: E402
-from spellm_ds.data.build import ShardWriter, Teacher  # noqa: E402
+from spellm_ds import jsonio  # noqa: E402
+from spellm_ds.data import shards  # noqa: E402
 from spellm_ds.data.corpus import iter_documents, pack_sequences, tokenize_documents  # noqa: E402
+from spellm_ds.data.teacher_topk import Teacher  # noqa: E402
 from spellm_ds.data.validate import dataset_stats  # noqa: E402
+from spellm_ds.data.writer import ShardWriter  # noqa: E402
 
 sys.path.insert(0, str(REPO / "bench"))
 import record  # noqa: E402

@@ -150,13 +150,13 @@ def test_packing_and_top5_match_the_teacher(reference, tiny_llama, inputs):
 def test_group_topk_equals_torch_topk(width):
     import torch
 
-    from spellm_ds.data.build import _topk
+    from spellm_ds.data.teacher_topk import topk_rows
 
     g = torch.Generator().manual_seed(width)
     x = torch.randn(64, width, generator=g) * 4
     x[3, 100:140] = 50.0  # ties inside one group and across groups
     x[4, -1] = 99.0  # the maximum in the tail after the last whole group
-    v, i = _topk(x, 5)
+    v, i = topk_rows(x, 5)
     rv, ri = torch.topk(x, 5, dim=-1)
     assert torch.equal(v, rv)
     assert torch.equal(x.gather(1, i), rv)  # ids point at the same values (ties may pick other columns)
@@ -168,7 +168,7 @@ def test_group_topk_equals_torch_topk(width):
 def test_streamed_topk_equals_full_log_softmax(slice_vocab, block):
     import torch
 
-    from spellm_ds.data.build import streamed_topk
+    from spellm_ds.data.teacher_topk import streamed_topk
 
     g = torch.Generator().manual_seed(block)
     hidden, weight = torch.randn(37, 16, generator=g), torch.randn(3001, 16, generator=g) * 3

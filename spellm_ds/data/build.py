@@ -15,6 +15,10 @@ what defines the dataset; a non-empty output directory built with anything else 
 Token-only shards (`no_teacher`, `--no-teacher`): the same format with top_k 0, input ids (and the loss
 mask) only, for runs whose teacher is computed online (`teacher: online`). Only the tokenizer and
 config.json of `--teacher` are read; no model is loaded, so building runs at the tokeniser's speed.
+
+This module is the launch (`build_shards`) and the dataset's bookkeeping; the teacher's top-k is
+`spellm_ds.data.teacher_topk`, the threaded shard writer `spellm_ds.data.writer`. `BuildConfig` is the
+command line of `spellm-ds build-shards`: each field's metadata gives its option's help.
 """
 
 from __future__ import annotations
@@ -23,12 +27,10 @@ import math
 import os
 import sys
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import numpy as np
+from typing import Any, Literal
 
 from spellm_ds import jsonio
 from spellm_ds.config.schema import Section, choice, positive, within
@@ -41,21 +43,18 @@ from spellm_ds.data.corpus import (
     pack_sequences,
     tokenize_documents,
 )
+from spellm_ds.data.teacher_topk import Teacher, resolve_device, resolve_dtype
+from spellm_ds.data.writer import ShardWriter
 from spellm_ds.errors import SpellmError
 from spellm_ds.log import ALL_RANKS, get_logger
 
 BUILD_NAME = "build.json"
 STREAM_NAME = "stream.json"
-DTYPES = ("auto", "float32", "bfloat16", "float16")
-HEAD_MODES = ("auto", "chunked", "full")
-# Config fields that post-process the final logits: the chunked head path cannot reproduce them.
-_LOGIT_POSTPROCESSING = (
-    "final_logit_softcapping",
-    "logit_scale",
-    "logits_scaling",
-    "output_multiplier_scale",
-    "logit_softcapping",
-)
+# The teacher's dtype: "auto" (bfloat16 on CUDA, float32 on CPU) or a name of `spellm_ds.dtypes`.
+BuildDType = Literal["auto", "float32", "bfloat16", "float16"]
+HeadMode = Literal["auto", "chunked", "full"]
+DTYPES = typing.get_args(BuildDType)
+HEAD_MODES = typing.get_args(HeadMode)
 # Identity fields: a rerun into the same directory must match every one of them.
 _IDENTITY_KEYS = ("tokenizer_hash", "vocab_size", "seq_len", "top_k", "samples_per_shard")
 
@@ -64,23 +63,52 @@ _LOG = get_logger("build-shards")
 
 @dataclass(kw_only=True)
 class BuildConfig(Section):
-    """What `spellm-ds build-shards` builds and how."""
+    """What `spellm-ds build-shards` builds and how (each field is one option of the command)."""
 
-    teacher: str  # local HF causal LM directory (weights + config + tokenizer)
-    inputs: list[str]  # text files, .jsonl(.gz) or .parquet; globs allowed
-    output: str  # dataset directory
-    text_field: str = "text"  # jsonl key / parquet column holding the text
-    seq_len: int = 2048  # tokens per packed sequence
-    samples_per_shard: int = 256  # sequences per shard (S)
-    batch_size: int = 8  # sequences per teacher forward (formed inside one shard)
-    dtype: str = "auto"  # teacher dtype: auto = bfloat16 on CUDA, float32 on CPU
-    max_samples: int | None = None  # stop after this many sequences
-    top_k: int = 5  # teacher candidates stored per position
-    device: str = "auto"  # auto = cuda:<local rank> when CUDA is usable, else cpu
-    device_map: str | None = None  # "auto": spread one teacher over this node's GPUs (accelerate)
-    head: str = "auto"  # auto | chunked (final norm state -> lm_head in row chunks) | full (HF logits)
-    progress: bool = True  # tqdm bar on rank 0
-    no_teacher: bool = False  # token-only shards (top_k 0): input ids only, no model forward
+    teacher: str = field(metadata={"help": "local HF causal LM directory (weights, config and tokenizer)"})
+    inputs: list[str] = field(
+        metadata={
+            "help": "text files, .jsonl(.gz) or .parquet; globs allowed",
+            "flag": "--input",
+            "metavar": "FILE_OR_GLOB",
+        }
+    )
+    output: str = field(metadata={"help": "dataset directory"})
+    text_field: str = field(default="text", metadata={"help": "jsonl key / parquet column holding the text"})
+    seq_len: int = field(default=2048, metadata={"help": "tokens per packed sequence"})
+    samples_per_shard: int = field(default=256, metadata={"help": "sequences per shard"})
+    batch_size: int = field(
+        default=8, metadata={"help": "sequences per teacher forward (formed inside one shard)"}
+    )
+    dtype: BuildDType = field(
+        default="auto", metadata={"help": "teacher dtype: auto = bfloat16 on CUDA, float32 on CPU"}
+    )
+    max_samples: int | None = field(default=None, metadata={"help": "stop after this many sequences"})
+    top_k: int = field(default=5, metadata={"help": "teacher candidates stored per position"})
+    device: str = field(
+        default="auto",
+        metadata={
+            "help": "teacher device: cpu, cuda:N, or auto (cuda:<local rank> when CUDA is usable, else cpu)"
+        },
+    )
+    device_map: Literal["auto"] | None = field(
+        default=None, metadata={"help": "auto: spread one teacher over this node's GPUs (accelerate)"}
+    )
+    head: HeadMode = field(
+        default="auto",
+        metadata={
+            "help": "top-k path: chunked (final hidden state -> lm_head in row chunks), full (the model's "
+            "logits), or auto (chunked where it reproduces the model's logits)"
+        },
+    )
+    progress: bool = field(default=True, metadata={"help": "tqdm progress bar on rank 0 (on by default)"})
+    no_teacher: bool = field(
+        default=False,
+        metadata={
+            "help": "token-only shards (input ids, top_k 0) for teacher: online runs; "
+            "--teacher gives the tokenizer"
+        },
+    )
 
     def problems(self) -> list[str]:
         p: list[str] = []
@@ -113,293 +141,6 @@ class BuildSummary:
     total_sequences: int | None = None
     total_shards: int | None = None
     index_written: bool = False
-
-
-# ----------------------------------------------------------------------------------------- teacher
-
-
-def resolve_device(device: str, local_rank: int = 0) -> str:
-    """Return the torch device string for `device` ("auto" picks cuda:<local rank> when usable)."""
-    import torch
-
-    if device != "auto":
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise SpellmError(f"--device {device}: CUDA is not available")
-        return device
-    if torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") != "cpu":
-        return f"cuda:{local_rank % torch.cuda.device_count()}"
-    return "cpu"
-
-
-def resolve_dtype(dtype: str, device: str) -> str:
-    """Return the concrete teacher dtype name for `dtype` on `device`."""
-    if dtype != "auto":
-        return dtype
-    return "bfloat16" if device.startswith("cuda") else "float32"
-
-
-class Teacher:
-    """A HF causal LM that returns the top-k log-softmax of its next-token distribution per position."""
-
-    def __init__(
-        self,
-        path: str | os.PathLike,
-        *,
-        dtype: str = "float32",
-        device: str = "cpu",
-        device_map: str | None = None,
-        top_k: int = 5,
-        head: str = "auto",
-    ) -> None:
-        import torch
-        from transformers import AutoModelForCausalLM
-
-        self.top_k = top_k
-        kwargs: dict[str, Any] = {"dtype": getattr(torch, dtype)}
-        if device_map:
-            kwargs["device_map"] = device_map
-        try:
-            model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
-        except (OSError, ValueError) as exc:
-            raise SpellmError(f"--teacher {path}: cannot load a causal LM ({exc})") from None
-        if not device_map:
-            model = model.to(device)
-        model.eval()
-        self.model = model
-        self.input_device = model.get_input_embeddings().weight.device
-        out = model.get_output_embeddings()
-        self.vocab_size = int(out.weight.shape[0]) if out is not None else int(_text_config(model).vocab_size)
-        cuda = self.input_device.type == "cuda"
-        # Logits that exist at once (elements): 64 MiB of float32 on CPU, 1 GiB on GPU.
-        self.block = 1 << (28 if cuda else 24)
-        self.head_mode = self._choose_head(head)
-
-    def _chunkable(self) -> bool:
-        import torch
-
-        out = self.model.get_output_embeddings()
-        cfg = _text_config(self.model)
-        post = [k for k in _LOGIT_POSTPROCESSING if getattr(cfg, k, None) not in (None, 0, 1, 1.0, False)]
-        return isinstance(out, torch.nn.Linear) and self.model.base_model is not self.model and not post
-
-    def _choose_head(self, head: str) -> str:
-        import torch
-
-        if head == "full":
-            return "full"
-        if not self._chunkable():
-            if head == "chunked":
-                raise SpellmError("--head chunked: this teacher post-processes its logits; use --head full")
-            return "full"
-        # Probe: the chunked head must reproduce the model's own logits on a fixed input.
-        ids = (torch.arange(16, device=self.input_device) % self.vocab_size)[None]
-        with torch.inference_mode():
-            ref = self.model(input_ids=ids, use_cache=False).logits[0].float()
-            hidden = self.model.base_model(input_ids=ids, use_cache=False).last_hidden_state[0]
-            head_mod = self.model.get_output_embeddings()
-            got = head_mod(hidden.to(head_mod.weight.device)).float().to(ref.device)
-        tol = (1e-3 if head_mod.weight.dtype == torch.float32 else 3e-2) * (1.0 + float(ref.abs().max()))
-        ok = got.shape == ref.shape and float((got - ref).abs().max()) <= tol
-        if not ok and head == "chunked":
-            raise SpellmError("--head chunked: lm_head(final hidden state) differs from the model's logits")
-        return "chunked" if ok else "full"
-
-    def forward_logits(self, input_ids: np.ndarray) -> Any:
-        """Run the plain HF forward on a batch and return its logits tensor [B, L, V]."""
-        import torch
-
-        ids = torch.from_numpy(np.ascontiguousarray(input_ids, dtype=np.int64)).to(self.input_device)
-        with torch.inference_mode():
-            return self.model(input_ids=ids, use_cache=False).logits
-
-    def topk(self, input_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Return (ids int32 [B, L, K], log-probs float16 [B, L, K]) of the next-token distribution."""
-        import torch
-
-        b, n = input_ids.shape
-        ids = torch.from_numpy(np.ascontiguousarray(input_ids, dtype=np.int64)).to(self.input_device)
-        with torch.inference_mode():
-            if self.head_mode == "chunked":
-                head = self.model.get_output_embeddings()
-                hidden = self.model.base_model(input_ids=ids, use_cache=False).last_hidden_state
-                hidden = hidden.reshape(b * n, -1).to(head.weight.device)
-                top_ids, top_lp = streamed_topk(hidden, head.weight, head.bias, self.top_k, self.block)
-            else:
-                logits = self.model(input_ids=ids, use_cache=False).logits.reshape(b * n, -1)
-                top_ids = torch.empty(b * n, self.top_k, dtype=torch.int64, device=logits.device)
-                top_lp = torch.empty(b * n, self.top_k, dtype=torch.float16, device=logits.device)
-                rows = max(1, self.block // self.vocab_size)
-                for s in range(0, b * n, rows):
-                    top_ids[s : s + rows], top_lp[s : s + rows] = _reduce(logits[s : s + rows], self.top_k)
-            out_ids = top_ids.to(torch.int32).cpu().numpy().reshape(b, n, self.top_k)
-            out_lp = top_lp.cpu().numpy().reshape(b, n, self.top_k)
-        return out_ids, out_lp
-
-
-_TOPK_GROUP = 64
-
-
-def _topk(x: Any, k: int) -> tuple[Any, Any]:
-    """Exact top-k along rows; on CPU over wide rows via group maxima (~3x faster than torch.topk)."""
-    import torch
-
-    n, width = x.shape
-    if x.is_cuda or width < 128 * _TOPK_GROUP or k > width // _TOPK_GROUP:
-        return torch.topk(x, k, dim=-1)
-    # The top-k values lie in the k groups with the largest maxima: find those groups, then search them.
-    g = _TOPK_GROUP
-    body = (width // g) * g
-    groups = x[:, :body].view(n, body // g, g)
-    top_groups = torch.topk(groups.amax(dim=-1), k, dim=-1).indices
-    cand = torch.gather(groups, 1, top_groups.unsqueeze(-1).expand(n, k, g)).reshape(n, k * g)
-    vals, pos = torch.topk(cand, k, dim=-1)
-    idx = torch.gather(top_groups, 1, pos // g) * g + pos % g
-    if body < width:  # the columns after the last whole group
-        tail_v, tail_i = torch.topk(x[:, body:], min(k, width - body), dim=-1)
-        vals, sel = torch.topk(torch.cat([vals, tail_v], dim=1), k, dim=-1)
-        idx = torch.gather(torch.cat([idx, tail_i + body], dim=1), 1, sel)
-    return vals, idx
-
-
-def _reduce(logits: Any, k: int) -> tuple[Any, Any]:
-    """Top-k ids and log-softmax values (float16) of each row of a logits block; consumes the block."""
-    import torch
-
-    # A float32 copy is made only for 16-bit logits; float32 logits (a private block) are reused in place.
-    x = logits if logits.dtype == torch.float32 and logits.is_contiguous() else logits.float()
-    vals, idx = _topk(x, k)
-    m = vals[:, :1]
-    # log-sum-exp shifted by the row max (= top-1 value): one in-place subtract, one in-place exp, one sum.
-    lse = m + torch.log(x.sub_(m).exp_().sum(dim=-1, keepdim=True))
-    # fp32 rounding can put the top value a hair above the log-sum-exp: clamp to <= 0.
-    return idx, (vals - lse).clamp_(max=0.0).to(torch.float16)
-
-
-def streamed_topk(
-    hidden: Any, weight: Any, bias: Any, k: int, block: int, slice_vocab: bool | None = None
-) -> tuple[Any, Any]:
-    """Top-k ids and float16 log-softmax of `hidden @ weight.T (+ bias)` without the full logits.
-
-    At most about `block` logits exist at once. On GPU the vocabulary is cut into slices whose top-k
-    and shifted sums of exp are merged (the weight is read once); on CPU rows are cut into blocks over
-    the whole vocabulary (large blocks, so re-reading the weight per block stays cheap, and wide rows
-    suit the group-maximum top-k). `slice_vocab` forces one strategy (default: by device).
-    """
-    import torch
-
-    linear = torch.nn.functional.linear
-    rows, vocab = hidden.shape[0], weight.shape[0]
-    if rows * vocab <= block:
-        return _reduce(linear(hidden, weight, bias), k)
-    if not (hidden.is_cuda if slice_vocab is None else slice_vocab):
-        step = max(1, block // vocab)
-        parts = [_reduce(linear(hidden[r : r + step], weight, bias), k) for r in range(0, rows, step)]
-        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-    width = max(min(vocab, 1024), block // rows)
-    best_v = best_i = run_m = run_s = None
-    for v0 in range(0, vocab, width):
-        b = bias[v0 : v0 + width] if bias is not None else None
-        x = linear(hidden, weight[v0 : v0 + width], b)
-        x = x if x.dtype == torch.float32 else x.float()
-        vals, idx = torch.topk(x, min(k, x.shape[1]), dim=-1)
-        idx += v0
-        if best_v is None:
-            best_v, best_i, run_m = vals, idx, vals[:, :1].clone()
-            run_s = x.sub_(run_m).exp_().sum(dim=-1, keepdim=True)
-            continue
-        best_v, sel = torch.topk(torch.cat([best_v, vals], dim=1), k, dim=-1)
-        best_i = torch.gather(torch.cat([best_i, idx], dim=1), 1, sel)
-        new_m = torch.maximum(run_m, vals[:, :1])
-        run_s = run_s * torch.exp(run_m - new_m) + x.sub_(new_m).exp_().sum(dim=-1, keepdim=True)
-        run_m = new_m
-    lse = run_m + torch.log(run_s)
-    return best_i, (best_v - lse).clamp_(max=0.0).to(torch.float16)
-
-
-def _text_config(model: Any) -> Any:
-    cfg = model.config
-    return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-
-
-# ------------------------------------------------------------------------------------ shard writer
-
-
-class ShardWriter:
-    """Turns one shard's sequences into a shard file + manifest; encoding and writing run in a thread."""
-
-    def __init__(
-        self, output: Path, teacher: Teacher | None, *, batch_size: int, vocab_size: int | None = None
-    ) -> None:
-        self.output = output
-        self.teacher = teacher  # None: token-only shards (top_k 0)
-        self.batch_size = batch_size
-        self.vocab_size = teacher.vocab_size if teacher is not None else int(vocab_size or 0)
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer")
-        self._pending: Future | None = None
-
-    def build(self, shard: int, seqs: list[PackedSequence], on_batch: Any = None) -> None:
-        """Run the teacher over `seqs` (batches inside this shard only) and queue the write."""
-        ids = np.stack([s.input_ids for s in seqs])
-        if self.teacher is None:  # token-only: empty top-k
-            top_ids = np.empty((*ids.shape, 0), dtype=np.int32)
-            top_lp = np.empty((*ids.shape, 0), dtype=np.float16)
-            if on_batch is not None:
-                on_batch(int(ids.size))
-            self.wait()
-            self._pending = self._pool.submit(self._write, shard, seqs, top_ids, top_lp)
-            return
-        top_ids = np.empty((*ids.shape, self.teacher.top_k), dtype=np.int32)
-        top_lp = np.empty((*ids.shape, self.teacher.top_k), dtype=np.float16)
-        for s in range(0, len(seqs), self.batch_size):
-            top_ids[s : s + self.batch_size], top_lp[s : s + self.batch_size] = self.teacher.topk(
-                ids[s : s + self.batch_size]
-            )
-            if on_batch is not None:
-                on_batch(int(ids[s : s + self.batch_size].size))
-        bad = ~np.isfinite(top_lp).all(axis=(1, 2))
-        if bad.any():
-            j = int(np.argmax(bad))
-            where = f"{shards.shard_name(shard)}/{shards.sample_key(seqs[j].index)}"
-            raise SpellmError(f"{where}: the teacher produced NaN/inf log-probs; try --dtype float32")
-        self.wait()
-        self._pending = self._pool.submit(self._write, shard, seqs, top_ids, top_lp)
-
-    def _write(self, shard: int, seqs: list[PackedSequence], top_ids: np.ndarray, top_lp: np.ndarray) -> None:
-        vocab = self.vocab_size
-        samples = []
-        for j, seq in enumerate(seqs):
-            mask = seq.loss_mask if seq.length < seq.input_ids.shape[0] else None
-            payload = shards.encode_sample(seq.input_ids, top_ids[j], top_lp[j], vocab, loss_mask=mask)
-            samples.append((shards.sample_key(seq.index), payload))
-        path = self.output / shards.shard_name(shard)
-        nbytes, sha = shards.write_shard(path, samples)
-        entry = shards.ShardEntry(
-            name=path.name,
-            index=shard,
-            samples=len(seqs),
-            tokens=sum(s.length for s in seqs),
-            bytes=nbytes,
-            sha256=sha,
-            first_sample=seqs[0].index,
-        )
-        jsonio.write_json(self.output / shards.manifest_name(shard), entry.to_dict())
-
-    def wait(self) -> None:
-        """Block until the queued write (if any) finished; re-raise its error."""
-        if self._pending is not None:
-            pending, self._pending = self._pending, None
-            pending.result()
-
-    def stop(self) -> None:
-        """Let a queued write complete without reporting its result, then stop the thread (error path)."""
-        self._pool.shutdown(wait=True)
-
-    def close(self) -> None:
-        """Finish the queued write and stop the writer thread."""
-        try:
-            self.wait()
-        finally:
-            self._pool.shutdown(wait=True)
 
 
 # ---------------------------------------------------------------------------------- dataset state
