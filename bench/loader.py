@@ -15,16 +15,16 @@ vocabulary on the Python docs corpus (tokenizer and teacher are built once and c
 - tar walker / tarfile: members per CPU second of the project's strict tar walker
   (`spellm_ds.data.shards.iter_tar_members`, checksum and name checks included) over the standard `tarfile`
   module reading the same shard files member by member;
-- build overhead: the shard build (`spellm_ds.data.build.ShardWriter`: teacher top-5, value checks, encode,
-  write) over the teacher's own top-5 forward alone (`spellm_ds.data.build.Teacher.topk`, exactly what the
-  builder runs: on the chunked head path the lm_head is streamed in blocks and the full logits never
-  exist), over the same batches (target <= 1.05): what it adds is the builder's own work. For reference
-  the plain HF forward returning the full logits is timed too: `topk_forward_over_hf_forward` is the
-  top-5 forward over it and `build_over_hf_forward` the build over it. The three sides get a warm-up on
-  the first batch each, then `--repeats` timed passes, interleaved in alternating order; the best pass
-  of each is used. On CPU these are process CPU time (the writer thread included; other processes' load
-  does not count), on GPU wall time; the wall times are given too (`build_overhead_wall`; on CPU the
-  writer thread's encoding overlaps the next shard's forward there).
+- build overhead: the shard build (`spellm_ds.data.writer.ShardWriter`: teacher top-5, value checks, encode,
+  write) over the teacher's own top-5 forward alone (`spellm_ds.data.teacher_topk.Teacher.topk`, exactly
+  what the builder runs: on the chunked head path the lm_head is streamed in blocks and the full logits
+  never exist), over the same batches (target <= 1.05): what it adds is the builder's own work. For
+  reference the plain HF forward returning the full logits is timed too: `topk_forward_over_hf_forward` is
+  the top-5 forward over it and `build_over_hf_forward` the build over it. The three sides get a warm-up on
+  the first batch each, then `--repeats` timed passes, interleaved in alternating order; the best pass of
+  each is used. On CPU these are process CPU time (the writer thread included; other processes' load does
+  not count), on GPU wall time; the wall times are given too (`build_overhead_wall`; on CPU the writer
+  thread's encoding overlaps the next shard's forward there).
 
 The teacher has random weights with its lm_head rescaled so logits have std `--logit-std` (top-1
 probabilities then spread over (0, 1) instead of a flat ~1/V, and the log-prob bytes compress like a

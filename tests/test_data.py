@@ -1,4 +1,5 @@
-"""Streaming reader (spellm_ds/data/loader.py): exactly once, resume, corrupt data, URLs, tokenizer checks.
+"""Streaming reader (spellm_ds/data/: loader, stream, state): exactly once, resume, corrupt data, URLs,
+tokenizer checks.
 
 Datasets are tiny synthetic shard sets written with spellm_ds.data.shards (6 shards x 5 samples, L=8;
 unequal shards of 16/16/16/5 samples for the sample-level balance).

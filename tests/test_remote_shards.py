@@ -1,4 +1,4 @@
-"""Remote shard reads (spellm_ds/data/loader.py): dropped connections, stalls and failing commands are
+"""Remote shard reads (spellm_ds/data/remote.py): dropped connections, stalls and failing commands are
 retried.
 
 A threaded stdlib HTTP server on 127.0.0.1 serves a synthetic shard set (test_data's `build_dataset`,

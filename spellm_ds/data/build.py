@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from spellm_ds import jsonio
-from spellm_ds.config.schema import Section, choice, positive, within
+from spellm_ds.config.schema import Section, positive, within
 from spellm_ds.data import shards
 from spellm_ds.data.corpus import (
     PackedSequence,
@@ -119,9 +119,6 @@ class BuildConfig(Section):
         if not self.no_teacher:
             within(p, "build.top_k", self.top_k, 1, 64)
         positive(p, "build.max_samples", self.max_samples)
-        choice(p, "build.dtype", self.dtype, DTYPES)
-        choice(p, "build.head", self.head, HEAD_MODES)
-        choice(p, "build.device_map", self.device_map, (None, "auto"))
         if not self.inputs:
             p.append("build.inputs: at least one input file or pattern is required")
         return p
