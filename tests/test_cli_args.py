@@ -196,3 +196,11 @@ def test_data_prep_recipes_are_valid_build_configs(recipe):
 
 def test_there_are_recipes():
     assert len(RECIPES) >= 3
+
+
+def test_dtype_choices_are_the_one_vocabulary():
+    from spellm_ds.data.build import DTYPES
+    from spellm_ds.dtypes import TORCH_DTYPES
+
+    assert DTYPES == ("auto", "float32", "bfloat16", "float16")
+    assert DTYPES[1:] == tuple(TORCH_DTYPES)
