@@ -50,7 +50,6 @@ EXPORT_FORMAT = "spellm-ds-export"
 EXPORT_VERSION = 1
 REQUIRED_FIELDS = ("k", "num_chars", "charset_hash", "delta", "fallback_threshold")
 PAPER_THRESHOLD = 0.22  # mean head entropy (nats) the paper falls back above: the default threshold
-EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 _ST_DTYPES = {
     torch.float64: "F64",

@@ -9,14 +9,8 @@ and step, dtype, base model reference (path, config and weights hashes), trainin
 `original_mlps`. `--delta` writes only `delta.safetensors` (the trained base tensors) instead of the model
 weights and config; loading checks the recorded base model and applies the delta to it.
 
-Original weights for the exact fallback (`spellm_ds.inference`). Training changes only the MLPs of the last
-N layers, so the teacher is the export with those tensors put back. A full export writes their original
-values to `original_mlps.safetensors`, read from the base model directory the checkpoint records (they
-are the frozen teacher's weights; the checkpoint holds only the trained ones); a delta export needs
-nothing more, as its base model holds them. `spellm_config.json` records it in `original_mlps`: the
-file name, `"base model"` for a delta, or null when the export was written without them
-(`original_mlps=False`, `--no-original-mlps`), which loads with the approximate fallback. The file costs
-the N MLPs' bytes (70B, N = 5, bf16: 7 GB).
+Original weights for the exact fallback: `spellm_ds.export.originals` (a full export carries them in
+`original_mlps.safetensors`, a delta export's base model holds them).
 
 How tensors are read. `spellm_ds.train.checkpoint.ZeroCheckpoint` maps every rank's files (no process group,
 no model) and gives one full tensor at a time: trained ones from the fp32 master partitions, frozen
@@ -47,13 +41,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from spellm_ds.dtypes import TORCH_DTYPES, dtype_name, recorded_dtype
 from spellm_ds.errors import SpellmError
 from spellm_ds.export.format import (
     CHAR_HEADS_FILE,
     CHARSET_FILE,
     DELTA_FILE,
-    EXPORT_DTYPES,
-    ORIGINAL_FROM_BASE,
     ORIGINAL_MLPS_FILE,
     PAPER_THRESHOLD,
     SPELLM_CONFIG,
@@ -67,12 +60,17 @@ from spellm_ds.export.format import (
     write_spellm_config,
     write_weight_index,
 )
+from spellm_ds.export.originals import (
+    check_base_holds,
+    check_original_shapes,
+    original_mlps_record,
+    write_original_mlps,
+)
 from spellm_ds.train.checkpoint import ZeroCheckpoint, checkpoint_meta, checkpoint_table, natural_key
 
 BASE_PREFIX = "base."
 HEADS_NAME = "char_heads.weight"
 DEFAULT_SHARD_BYTES = 5 * 1024**3
-_TRAIN_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -148,9 +146,9 @@ def _resolve_dtype(dtype: str | torch.dtype, default: torch.dtype) -> torch.dtyp
         return dtype
     if dtype == "auto":
         return default
-    if dtype not in EXPORT_DTYPES:
-        raise SpellmError(f"dtype {dtype!r} is not one of auto, {', '.join(EXPORT_DTYPES)}")
-    return EXPORT_DTYPES[dtype]
+    if dtype not in TORCH_DTYPES:
+        raise SpellmError(f"dtype {dtype!r} is not one of auto, {', '.join(TORCH_DTYPES)}")
+    return TORCH_DTYPES[dtype]
 
 
 def _load_tokenizer(base_dir: Path, trust_remote_code: bool) -> Any:
@@ -209,10 +207,7 @@ def _write_export(plan: _Plan, rank: int = 0, world: int = 1, progress: bool = T
         writer.close()
     write_originals = plan.original_mlps and not plan.delta
     if write_originals and len(file_plan) % world == rank:
-        writer = SafetensorsWriter(out / ORIGINAL_MLPS_FILE, plan.originals)
-        for hf_name, _shape, dt in plan.originals:
-            writer.write(hf_name, plan.fetch_original(hf_name).to(dt))
-        writer.close()
+        write_original_mlps(out, plan.originals, plan.fetch_original)
     bar.close()
     heads_shape: tuple[int, ...] = ()
     if rank == 0:
@@ -224,7 +219,7 @@ def _write_export(plan: _Plan, rank: int = 0, world: int = 1, progress: bool = T
         plan.table.save(out / CHARSET_FILE)
         plan.tokenizer.save_pretrained(str(out))
         if not plan.delta:
-            write_hf_config(plan.base_dir, out, _dtype_name(plan.dtype))
+            write_hf_config(plan.base_dir, out, dtype_name(plan.dtype))
     _barrier(world)
     files = [*file_names, CHAR_HEADS_FILE] + ([ORIGINAL_MLPS_FILE] if write_originals else [])
     total = sum(nbytes(e[1], e[2]) for e in plan.entries)
@@ -247,16 +242,12 @@ def _write_export(plan: _Plan, rank: int = 0, world: int = 1, progress: bool = T
         trained_tensors=plan.trained,
         trained_layers=layers,
         step=plan.info.get("step"),
-        dtype=_dtype_name(plan.dtype),
+        dtype=dtype_name(plan.dtype),
     )
 
 
 def _trained_layers(names: list[str]) -> list[int]:
     return sorted({int(m.group(1)) for n in names if (m := re.search(r"layers\.(\d+)\.", n))})
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return next(n for n, d in EXPORT_DTYPES.items() if d == dtype)
 
 
 def _spellm_config(plan: _Plan, files: list[str], heads_shape: tuple[int, ...]) -> dict[str, Any]:
@@ -269,7 +260,6 @@ def _spellm_config(plan: _Plan, files: list[str], heads_shape: tuple[int, ...]) 
     except (OSError, ValueError) as exc:
         raise SpellmError(f"{plan.base_dir}: cannot read config.json ({exc})") from None
     train_cfg = plan.info.get("train_config") or {}
-    held = (ORIGINAL_FROM_BASE if plan.delta else ORIGINAL_MLPS_FILE) if plan.original_mlps else None
     return {
         "k": plan.table.k,
         "num_chars": plan.table.charset.size,
@@ -281,8 +271,8 @@ def _spellm_config(plan: _Plan, files: list[str], heads_shape: tuple[int, ...]) 
         "fallback_threshold": PAPER_THRESHOLD if plan.threshold is None else float(plan.threshold),
         "threshold_source": "default (paper)" if plan.threshold is None else "given at export",
         "delta": plan.delta,
-        "original_mlps": held,
-        "dtype": _dtype_name(plan.dtype),
+        "original_mlps": original_mlps_record(plan.delta, plan.original_mlps),
+        "dtype": dtype_name(plan.dtype),
         "files": files,
         "frozen_from": plan.info.get("frozen_from"),
         "source_checkpoint": plan.info.get("source_checkpoint"),
@@ -326,7 +316,7 @@ def export_checkpoint(
         raise SpellmError(f"{ck.path}: no {HEADS_NAME} parameter: not a SpeLLM checkpoint")
     base_cfg = read_json(base_dir / "config.json", "HF model config")
     train_dtype = ((meta.get("config") or {}).get("model") or {}).get("dtype")
-    out_dtype = _resolve_dtype(dtype, _TRAIN_DTYPES.get(train_dtype) or ck.frozen_dtype or torch.float32)
+    out_dtype = _resolve_dtype(dtype, recorded_dtype(train_dtype) or ck.frozen_dtype or torch.float32)
 
     heads_shape = tuple(ck.trainable.get(HEADS_NAME) or ck.frozen[HEADS_NAME])
     shared = set(ck.shared)
@@ -344,11 +334,7 @@ def export_checkpoint(
     from_base = not ck.has_frozen_fragments
     base_files = tensor_index(base_dir) if (from_base or delta or original_mlps) else {}
     if delta or original_mlps:
-        missing = [_hf_name(n, ck.path) for n in trained if _hf_name(n, ck.path) not in base_files]
-        if missing:
-            raise SpellmError(
-                f"base model {base_dir} has no tensors {missing[:5]}: not this checkpoint's base"
-            )
+        check_base_holds(base_dir, base_files, [_hf_name(n, ck.path) for n in trained], "this checkpoint")
     if delta:
         names = trained
         buffers: dict[str, Tensor] = {}
@@ -370,7 +356,7 @@ def export_checkpoint(
 
     originals = [(_hf_name(n, ck.path), tuple(ck.trainable[n]), out_dtype) for n in trained]
     if original_mlps and not delta:
-        _check_original_shapes(base_dir, base_files, originals)
+        check_original_shapes(base_dir, base_files, originals)
 
     out = Path(output)
     _prepare_output(out, overwrite, rank, world)
@@ -444,10 +430,8 @@ def save_export(
     base_files: dict[str, tuple[Path, tuple[int, ...]]] = {}
     if original_mlps and not delta:
         base_files = tensor_index(base_dir)
-        missing = [n for n in trained if n not in base_files]
-        if missing:
-            raise SpellmError(f"base model {base_dir} has no tensors {missing[:5]}: not this model's base")
-        _check_original_shapes(base_dir, base_files, originals)
+        check_base_holds(base_dir, base_files, trained, "this model")
+        check_original_shapes(base_dir, base_files, originals)
     out = Path(output)
     _prepare_output(out, overwrite, 0, 1)
     plan = _Plan(
@@ -469,18 +453,6 @@ def save_export(
         fetch_original=lambda name: read_tensor(base_files[name][0], name),
     )
     return _write_export(plan, progress=False)
-
-
-def _check_original_shapes(
-    base_dir: Path,
-    base_files: dict[str, tuple[Path, tuple[int, ...]]],
-    originals: list[tuple[str, tuple[int, ...], torch.dtype]],
-) -> None:
-    """Refuse a base model whose tensors for the trained names have other shapes than the trained ones."""
-    shapes = {name: shape for name, (_, shape) in base_files.items()}
-    bad = [f"{n} {shape} vs base {shapes.get(n)}" for n, shape, _ in originals if shapes.get(n) != shape]
-    if bad:
-        raise SpellmError(f"base model {base_dir} does not fit the trained tensors: " + "; ".join(bad[:5]))
 
 
 def _cleanup_stale_shards(out: Path, keep: set[str]) -> None:
