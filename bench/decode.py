@@ -341,8 +341,8 @@ def bench_full_model(
     """Part 2: time per generated token, SpeLLM vs base greedy, batch 1 with a KV cache."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from spellm_ds.inference.fallback import ExactFallback
     from spellm_ds.model.student import SpeLLMModel
-    from spellm_ds.model.tail import ExactFallback
 
     spec = dict(SHAPES[shape])
     if num_layers is not None:
@@ -450,13 +450,13 @@ def bench_full_model(
 
         def recording(name: str) -> contextlib.AbstractContextManager[None]:
             if name == "exact_rate" and has_tail:
-                return exact_sp._recording(tails[name].record)
+                return exact_sp.recording(tails[name].record)
             return contextlib.nullcontext()
 
         # One prefill, its KV cache copied for each variant and rep; the exact tail's record of the prompt
         # (the input of layer L-N there) is kept for each rep's fresh tail.
         prompt_in: list[torch.Tensor] = []
-        with exact_sp._recording(prompt_in.append) if has_tail else contextlib.nullcontext():
+        with exact_sp.recording(prompt_in.append) if has_tail else contextlib.nullcontext():
             o = body(input_ids=prompt, use_cache=True)
         prompt_cache, h_prompt = returned_cache(o), o.last_hidden_state[:, -1]
         for _ in range(reps):

@@ -24,8 +24,9 @@ from examples.local_models import make_causal_lm
 from spellm_ds.charset import CharTable
 from spellm_ds.errors import SpellmError
 from spellm_ds.export.write import save_export
-from spellm_ds.inference import model as inference
-from spellm_ds.inference.model import FALLBACK, SpeLLMForCausalLM
+from spellm_ds.inference import decode
+from spellm_ds.inference.decode import FALLBACK
+from spellm_ds.inference.model import SpeLLMForCausalLM
 from spellm_ds.model.student import build_spellm_model
 from spellm_ds.model.tail import tail_attention_mask
 from tests.export_helpers import probe_heads
@@ -207,9 +208,9 @@ def test_lazy_cache_matches_full_recompute(bytelevel_tokenizer, tmp_path, monkey
         step["i"] += 1
         return torch.from_numpy(pattern[step["i"]].astype(np.float32) * 2.0)
 
-    monkeypatch.setattr(inference, "mean_head_entropy", scripted_entropy)
+    monkeypatch.setattr(decode, "mean_head_entropy", scripted_entropy)
     got: dict[tuple[int, int], torch.Tensor] = {}  # (step, row) -> logits the fallback chose from
-    real_fallback = spellm._fallback
+    real_fallback = spellm.fallback_tokens
 
     def recording_fallback(hidden, temperature, top_p, generator):
         every_row = len(hidden) == rows and not pattern[step["i"]].all()
@@ -218,7 +219,7 @@ def test_lazy_cache_matches_full_recompute(bytelevel_tokenizer, tmp_path, monkey
             got[(step["i"], int(r))] = spellm.lm_logits(h)
         return real_fallback(hidden, temperature, top_p, generator)
 
-    monkeypatch.setattr(spellm, "_fallback", recording_fallback)
+    monkeypatch.setattr(spellm, "fallback_tokens", recording_fallback)
     for sync_free in (False, True):  # sync-free: every row catches up every step
         got.clear()
         step["i"] = -1

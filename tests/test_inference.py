@@ -18,15 +18,15 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from spellm_ds.errors import SpellmError
 from spellm_ds.export.write import save_export
-from spellm_ds.inference.model import (
+from spellm_ds.inference.decode import (
     AUTOCORRECT,
     EXACT,
     FALLBACK,
-    SpeLLMForCausalLM,
     canonical_chars,
     mean_head_entropy,
     top_p_filter,
 )
+from spellm_ds.inference.model import SpeLLMForCausalLM
 from spellm_ds.model.student import build_spellm_model
 from tests.export_helpers import probe_heads
 

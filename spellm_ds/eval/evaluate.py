@@ -47,7 +47,7 @@ def position_cases(
     """Run the model on one batch and return per-position arrays for the masked-in positions.
 
     With the teacher's `topk_logprobs` the cases also carry its top-1 probability."""
-    from spellm_ds.inference.model import canonical_chars, mean_head_entropy
+    from spellm_ds.inference.decode import canonical_chars, mean_head_entropy
 
     dec = model.decoder
     exact = getattr(model, "fallback", "approximate") == "exact"

@@ -1,58 +1,19 @@
-"""Inference for an exported SpeLLM model: the char-head decode step, AutoCorrect, entropy fallback, generate.
+"""An exported SpeLLM model for inference: loading an export directory, the decode step, generation.
 
-Decode step (`SpeLLMForCausalLM.decode_step`, every row of a batch at once, no loop over tokens):
+`SpeLLMForCausalLM` holds the HF base model with its char heads (`spellm_ds.model.student.SpeLLMModel`),
+the char table, the tokenizer and the entropy-fallback threshold. `decode_step` chooses the next token
+of every row of a batch of final hidden states: the char path (`spellm_ds.inference.decode`: heads,
+chars→token lookup, AutoCorrect, entropy) and, for unsure rows, the model's fallback kind
+(`spellm_ds.inference.fallback`: `"approximate"`, the lm_head on the student's state, or `"exact"`, the
+teacher's own prediction from the original tail).
 
-1. One matmul of the final normed hidden state `[N, d]` with the stacked head weight `[k·|C|, d]`, viewed
-   as logits `[N, k, |C|]` (row `i·|C| + c` of the weight is head i, symbol c).
-2. Per-head argmax (or per-head sampling, below) gives a char string `[N, k]`; a string ends at its first
-   `<end>`: anything a later head predicts is ignored.
-3. `TokenLookup.lookup` (spellm_ds.charset) maps the string to its canonical token id on the device, -1
-   where the string is no token.
-4. AutoCorrect for those rows: the decodable token with the highest sum of per-head log-probs of its own
-   END-padded row, `argmax_v Σ_i log p_i(chars[v, i])`. That is k `index_select`s of a `[N, |C|]` row
-   over the `[k, V']` table of decodable tokens, summed: `O(N·k·V')` adds, no `[V, d]` matmul (a
-   decodable token is one whose own row looks up to it, so the result always round-trips).
-5. Entropy fallback: `H = mean_i entropy(softmax(logits_i))`; rows with `H > threshold` take the original
-   model's prediction instead (below). `threshold=None` never falls back on entropy; a negative threshold
-   falls back on every row (the base model's own decode).
-
-Two kinds of fallback (`SpeLLMForCausalLM.fallback`):
-
-- `"approximate"`: the original lm_head on the student's final hidden state. Once the MLPs of the last N
-  layers are retrained that state drifts, so this is not the teacher's prediction.
-- `"exact"`: the teacher's own prediction. The student differs from the teacher only in the MLPs of its
-  last N layers (layers L-N..L-1); their original weights are kept beside the trained ones
-  (`original_mlps`, no copy of attention or norms: those modules are shared). The *original tail* is
-  layers L-N..L-1 run with the original MLPs, then the final norm and the lm_head; fed the input of layer
-  L-N, which the student computes identically, it gives the teacher's distribution exactly. In
-  `generate` a forward pre-hook on layer L-N records its input for every new position; the original tail
-  has its own KV cache for those N layers only (`TailKV`: per layer `[B, g, T_max, e]` by sequence
-  column, allocated at the first fallback). When a row falls back, the tail runs once over every position
-  of that row it has not processed yet (from the row's last catch-up, or the whole prompt at the first
-  one, up to the current position) and its last output is the fallback's hidden state. Rows that fall
-  back in the same step catch up in one batched pass from the smallest of their starts: for a row that
-  had caught up further, the extra positions are recomputed from the same recorded inputs (identical
-  K/V, overwritten). Recorded inputs are dropped once every row has processed them; a row that never
-  falls back keeps them all (at most `B·T·d`). Between fallbacks nothing extra runs. With `sync_free`
-  every row catches up every step (one position each), with no host read. The tail's attention gets an
-  additive 4-D mask built here (causal, left padding, sliding window by column as transformers builds
-  it), so it supports the `eager` and `sdpa` attention implementations. When N = 0 (heads only) the
-  student's hidden state is the teacher's and both kinds coincide.
-
-Host syncs. Counters (exact hits, AutoCorrect, fallback) are device tensors read once per `generate`
-call. By default a step reads back one pair of integers, how many rows need AutoCorrect and how many need
-the fallback; only those rows are gathered and run through the `O(V')` AutoCorrect scoring and the
-full-vocabulary lm_head, so a step whose strings all hit and whose heads are all confident never touches
-a `V`-sized tensor. That one read is what lets the lm_head be skipped (the source of the speedup).
-`sync_free=True` removes it: AutoCorrect and the lm_head run on every row of every step and `torch.where`
-picks per row (for CUDA graphs or `torch.compile`, or when fallback is frequent anyway). `generate` reads
-one "all rows ended" boolean every `eos_check_every` steps.
-
-Sampling (`temperature > 0`): the char path samples each head's symbol from its own softmax at that
-temperature, restricted to the head's top-p nucleus; a sampled string that is no token is AutoCorrected
-by sampling a token from the AutoCorrect scores (sum of tempered per-head log-probs) under the same
-top-p; fallback rows sample from the lm_head softmax at that temperature and top-p. The entropy that
-decides the fallback always comes from the untempered heads, as calibrated.
+Generation (`generate`): one prefill of the left-padded prompts, then one body step per new token with
+the body's KV cache. With the exact fallback a forward pre-hook on layer L-N records its input for every
+new position and the original tail catches up only for rows that fall back
+(`spellm_ds.inference.fallback.ExactFallback`). Host syncs: the counters (exact hits, AutoCorrect,
+fallback) are device tensors read once per `generate` call; besides the one read of each decode step
+(none with `sync_free=True`), `generate` reads one "all rows ended" boolean every `eos_check_every`
+steps.
 
 Loading: `SpeLLMForCausalLM.from_pretrained(DIR)` reads an export directory (spellm_ds.export.write writes
 it); a delta export is applied on top of the base model its `spellm_config.json` records (or the one
@@ -68,14 +29,12 @@ code runs only with `trust_remote_code=True`.
 from __future__ import annotations
 
 import contextlib
-import copy
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -89,107 +48,14 @@ from spellm_ds.export.format import (
     PAPER_THRESHOLD,
     open_export,
 )
-from spellm_ds.model.tail import (
+from spellm_ds.inference.decode import PATH_NAMES, CharDecoder, DecodeResult, decode_hidden, sample_logits
+from spellm_ds.inference.fallback import (
+    FALLBACK_KINDS,
     ExactFallback,
-    cache_kwarg,
-    check_attention,
-    returned_cache,
-    run_original_tail,
+    build_original_mlps,
+    record_layer_inputs,
 )
-
-EXACT, AUTOCORRECT, FALLBACK = 0, 1, 2
-PATH_NAMES = ("exact", "autocorrect", "fallback")
-FALLBACK_KINDS = ("exact", "approximate")
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Pure tensor functions of the decode step
-
-
-def canonical_chars(chars: Tensor, end_id: int = 0) -> Tensor:
-    """Set every symbol after the first `<end>` to `<end>` (a string ends at its first end symbol)."""
-    after = (chars == end_id).long().cumsum(-1) > 0
-    return chars.masked_fill(after, end_id)
-
-
-def head_log_probs(hidden: Tensor, head_weight: Tensor, k: int) -> Tensor:
-    """Per-head log-probs `[..., k, |C|]` (float32) of the char heads on hidden states `[..., d]`."""
-    logits = F.linear(hidden.to(head_weight.dtype), head_weight).float()
-    return logits.view(*hidden.shape[:-1], k, -1).log_softmax(-1)
-
-
-def mean_head_entropy(logp: Tensor) -> Tensor:
-    """Mean over the k heads of each head's entropy in nats: `[..., k, |C|]` log-probs → `[...]`."""
-    p = logp.exp()
-    plogp = torch.where(p > 0, p * logp, torch.zeros_like(p))
-    return -plogp.sum(-1).mean(-1)
-
-
-def top_p_filter(logits: Tensor, top_p: float) -> Tensor:
-    """Mask (to -inf) the logits outside the smallest set whose probability reaches `top_p` (last dim)."""
-    if top_p >= 1.0:
-        return logits
-    sorted_logits, order = logits.sort(-1, descending=True)
-    probs = sorted_logits.softmax(-1)
-    # Drop a symbol when the mass strictly before it already reaches top_p (the first is always kept).
-    drop = (probs.cumsum(-1) - probs) >= top_p
-    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-    return torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-
-
-def sample_logits(
-    logits: Tensor, temperature: float, top_p: float = 1.0, generator: torch.Generator | None = None
-) -> Tensor:
-    """Sample one index per row of `logits [..., n]` at `temperature` within the top-p nucleus."""
-    filtered = top_p_filter(logits.float() / temperature, top_p)
-    probs = filtered.softmax(-1).reshape(-1, logits.shape[-1])
-    return torch.multinomial(probs, 1, generator=generator).view(logits.shape[:-1])
-
-
-class CharDecoder:
-    """Device-side tables of the char path: exact chars→token lookup and the AutoCorrect gather table."""
-
-    def __init__(self, table: Any, device: str | torch.device = "cpu") -> None:
-        from spellm_ds.charset import TokenLookup
-
-        self.device = torch.device(device)
-        self.k = int(table.k)
-        self.num_chars = int(table.charset.size)
-        self.end_id = int(table.charset.end_id)
-        self.lookup = TokenLookup(table, self.device)
-        ids = np.flatnonzero(table.decodable).astype(np.int64)
-        if ids.size == 0:
-            raise SpellmError("the char table has no decodable token: the char heads cannot produce any")
-        self.cand_ids = torch.from_numpy(ids).to(self.device)  # [V']
-        # [k, V'], one contiguous index row per head: head i gathers its log-prob of each token's char i.
-        rows = np.ascontiguousarray(table.token_chars[ids].T.astype(np.int64))
-        self.cand_chars = torch.from_numpy(rows).to(self.device)
-
-    def autocorrect_scores(self, logp: Tensor) -> Tensor:
-        """Scores `[N, V']` of every decodable token: the sum of per-head log-probs of its chars."""
-        per_head = logp.transpose(0, 1).contiguous()  # [k, N, C]: each head's rows contiguous
-        scores = per_head[0].index_select(1, self.cand_chars[0])
-        for i in range(1, self.k):
-            scores.add_(per_head[i].index_select(1, self.cand_chars[i]))
-        return scores
-
-    def autocorrect(self, logp: Tensor) -> Tensor:
-        """The decodable token id `[N]` with the best AutoCorrect score for each row of `logp [N, k, C]`."""
-        return self.cand_ids[self.autocorrect_scores(logp).argmax(-1)]
-
-    def decode_chars(self, chars: Tensor) -> Tensor:
-        """Token ids `[...]` of char strings `[..., k]` (read up to the first `<end>`), -1 for no token."""
-        return self.lookup.lookup(chars)
-
-
-@dataclass
-class DecodeResult:
-    """One decode step for N rows."""
-
-    tokens: Tensor  # Long[N] the chosen token ids
-    path: Tensor  # Long[N] EXACT (0), AUTOCORRECT (1) or FALLBACK (2)
-    entropy: Tensor  # Float[N] mean head entropy (nats)
-    chars: Tensor  # Long[N, k] the (canonical) char string of the char path
+from spellm_ds.model.tail import cache_kwarg, returned_cache, run_original_tail
 
 
 @dataclass
@@ -204,10 +70,6 @@ class GenerateOutput:
         """The counters as shares of the generated tokens."""
         total = max(1, self.counters.get("tokens", 0))
         return {name: self.counters.get(name, 0) / total for name in PATH_NAMES}
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The model
 
 
 class SpeLLMForCausalLM(nn.Module):
@@ -254,45 +116,7 @@ class SpeLLMForCausalLM(nn.Module):
         self.original_mlps = nn.ModuleList()  # original MLPs of layers tail_start..L-1 (exact fallback)
         self.tail_start = len(model.layers)  # L - N: the first layer of the original tail
         if fallback == "exact":
-            self._set_original_weights(original_weights or {})
-
-    def _set_original_weights(self, weights: Mapping[str, Tensor]) -> None:
-        """Build the original MLPs of layers L-N..L-1 from the original values of the trained tensors."""
-        layout, layers = self.model.layout, self.model.layers
-        prefix = f"{layout.layers}."
-        per_layer: dict[int, dict[str, Tensor]] = {}
-        bad = []
-        for name, tensor in weights.items():
-            index, _, inner = name[len(prefix) :].partition(".") if name.startswith(prefix) else ("", "", "")
-            if not index.isdigit() or int(index) >= len(layers) or not inner.startswith(f"{layout.mlp}."):
-                bad.append(name)
-                continue
-            per_layer.setdefault(int(index), {})[inner[len(layout.mlp) + 1 :]] = tensor
-        if bad or "." in layout.mlp:
-            raise SpellmError(
-                f"the exact fallback replaces trained MLPs ({prefix}<i>.{layout.mlp}.*) only; "
-                f"these trained tensors are not: {bad[:5]}"
-            )
-        if not per_layer:
-            return  # nothing trained below the heads: the student's hidden state is the teacher's
-        check_attention(self.model.base.config, "the exact fallback (or use fallback='approximate')")
-        first = min(per_layer)
-        mlps = []
-        for i in range(first, len(layers)):
-            mlp = copy.deepcopy(getattr(layers[i], layout.mlp))
-            params = dict(mlp.named_parameters())
-            for pname, tensor in per_layer.get(i, {}).items():
-                if pname not in params or tuple(params[pname].shape) != tuple(tensor.shape):
-                    have = tuple(params[pname].shape) if pname in params else "no such tensor"
-                    raise SpellmError(
-                        f"original weight {prefix}{i}.{layout.mlp}.{pname} {tuple(tensor.shape)} does not "
-                        f"fit the model ({have})"
-                    )
-                with torch.no_grad():
-                    params[pname].copy_(tensor.to(params[pname].dtype))
-            mlps.append(mlp.requires_grad_(False))
-        self.original_mlps = nn.ModuleList(mlps)
-        self.tail_start = first
+            self.original_mlps, self.tail_start = build_original_mlps(model, original_weights or {})
 
     # -- loading -------------------------------------------------------------------------------------------
 
@@ -432,7 +256,7 @@ class SpeLLMForCausalLM(nn.Module):
             out = self.model(input_ids, attention_mask=attention_mask)
             return out, out.hidden
         recorded: list[Tensor] = []
-        with self._recording(recorded.append):
+        with self.recording(recorded.append):
             out = self.model(input_ids, attention_mask=attention_mask)
         b, t = input_ids.shape
         keys = (
@@ -441,20 +265,9 @@ class SpeLLMForCausalLM(nn.Module):
         position = torch.arange(t, device=input_ids.device).expand(b, t)  # the body's own default
         return out, self.original_tail(recorded[0], position, keys)
 
-    @contextlib.contextmanager
-    def _recording(self, sink: Callable[[Tensor], None]) -> Iterator[None]:
+    def recording(self, sink: Callable[[Tensor], None]) -> contextlib.AbstractContextManager[None]:
         """While inside, every input of layer L-N (the first trained layer) goes to `sink`."""
-        target = self.model.layers[self.tail_start]
-
-        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            if module is target:  # not the original tail's twin of this layer, which shares its hooks
-                sink(args[0] if args else kwargs["hidden_states"])
-
-        handle = target.register_forward_pre_hook(hook, with_kwargs=True)
-        try:
-            yield
-        finally:
-            handle.remove()
+        return record_layer_inputs(self.model.layers[self.tail_start], sink)
 
     @torch.inference_mode()
     def decode_step(
@@ -469,79 +282,30 @@ class SpeLLMForCausalLM(nn.Module):
         sync_free: bool = False,
         fallback_hidden: Callable[[list[int] | None], Tensor] | None = None,
     ) -> DecodeResult:
-        """Choose the next token for each row of final hidden states `[N, d]` (see the module doc).
+        """Choose the next token for each row of final hidden states `[N, d]` (`spellm_ds.inference.decode`).
 
         `fallback_hidden(rows)` gives the hidden states `[n, d]` the lm_head takes for falling-back rows
         (a sorted list; None: every row); by default the rows of `hidden` (the approximate fallback).
         """
         thr = self.threshold if threshold == "default" else threshold
-        dec = self.decoder
-        w = self.model.char_heads.weight
-        logits = F.linear(hidden.to(w.dtype), w).float().view(hidden.shape[0], dec.k, dec.num_chars)
-        logp = logits.log_softmax(-1)
-        entropy = mean_head_entropy(logp)
-        sampling = temperature > 0
-        if sampling:
-            chars = sample_logits(logits, temperature, top_p, generator)
-        else:
-            chars = logits.argmax(-1)
-        chars = canonical_chars(chars, dec.end_id)
-        tokens = dec.decode_chars(chars)
-        miss = tokens < 0
-        need_fb = entropy > thr if thr is not None else torch.zeros_like(miss)
-        if not autocorrect:
-            need_fb = need_fb | miss
-        need_ac = miss & ~need_fb
-        path = torch.where(need_fb, FALLBACK, torch.where(miss, AUTOCORRECT, EXACT))
-        if sync_free:
-            if autocorrect:
-                ac = self._autocorrect(logits, logp, temperature, top_p, generator)
-                tokens = torch.where(need_ac, ac, tokens)
-            fb_hidden = hidden if fallback_hidden is None else fallback_hidden(None)
-            fb = self._fallback(fb_hidden, temperature, top_p, generator)
-            tokens = torch.where(need_fb, fb, tokens)
-        else:
-            # The one host read of the step: how many rows need AutoCorrect and the fallback (with
-            # `fallback_hidden`, which rows fall back). Only those rows are gathered and run through the
-            # AutoCorrect table and the full-vocabulary lm_head.
-            fb_rows: list[int] | None = None
-            if fallback_hidden is None:
-                n_ac, n_fb = torch.stack([need_ac.sum(), need_fb.sum()]).tolist()
-            else:
-                flags = torch.cat([need_ac.sum().view(1), need_fb.long()]).tolist()
-                n_ac, fb_rows = flags[0], [i for i, f in enumerate(flags[1:]) if f]
-                n_fb = len(fb_rows)
-            if n_ac:
-                rows = torch.argsort((~need_ac).to(torch.int8), stable=True)[:n_ac]
-                ac = self._autocorrect(logits[rows], logp[rows], temperature, top_p, generator)
-                tokens = tokens.index_put((rows,), ac)
-            if n_fb:
-                if fallback_hidden is not None and fb_rows is not None:
-                    rows = torch.tensor(fb_rows, device=hidden.device)
-                    fb_hidden = fallback_hidden(fb_rows)
-                else:
-                    rows = torch.argsort((~need_fb).to(torch.int8), stable=True)[:n_fb]
-                    fb_hidden = hidden[rows]
-                tokens = tokens.index_put((rows,), self._fallback(fb_hidden, temperature, top_p, generator))
-        return DecodeResult(tokens=tokens, path=path, entropy=entropy, chars=chars)
+        return decode_hidden(
+            self.decoder,
+            self.model.char_heads.weight,
+            hidden,
+            lambda h: self.fallback_tokens(h, temperature, top_p, generator),
+            threshold=thr,
+            autocorrect=autocorrect,
+            temperature=temperature,
+            top_p=top_p,
+            generator=generator,
+            sync_free=sync_free,
+            fallback_hidden=fallback_hidden,
+        )
 
-    def _autocorrect(
-        self,
-        logits: Tensor,
-        logp: Tensor,
-        temperature: float,
-        top_p: float,
-        generator: torch.Generator | None,
-    ) -> Tensor:
-        dec = self.decoder
-        if temperature > 0:
-            scores = dec.autocorrect_scores((logits / temperature).log_softmax(-1))
-            return dec.cand_ids[sample_logits(scores, 1.0, top_p, generator)]
-        return dec.autocorrect(logp)
-
-    def _fallback(
+    def fallback_tokens(
         self, hidden: Tensor, temperature: float, top_p: float, generator: torch.Generator | None
     ) -> Tensor:
+        """The fallback's token ids `[n]` for hidden states `[n, d]`: the lm_head's argmax, or a sample."""
         lm = self.lm_logits(hidden)
         return sample_logits(lm, temperature, top_p, generator) if temperature > 0 else lm.argmax(-1)
 
@@ -584,7 +348,7 @@ class SpeLLMForCausalLM(nn.Module):
         exact: ExactFallback | None = None
         if self.fallback == "exact" and len(self.original_mlps) and (thr is not None or not autocorrect):
             exact = ExactFallback(self, b, input_ids.shape[1] + max_new_tokens)
-        with self._recording(exact.record) if exact else contextlib.nullcontext():
+        with self.recording(exact.record) if exact else contextlib.nullcontext():
             return self._generate(
                 input_ids,
                 attention_mask,

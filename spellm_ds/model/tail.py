@@ -3,8 +3,9 @@
 The student differs from the teacher only in the MLPs of its last N decoder layers. Fed the input of
 layer L-N, which both compute identically, the last N layers run with the original MLPs (attention and
 norms are the student's own modules, shared) and then the final norm give the teacher's final normed
-hidden state exactly. Two users: the exact fallback of inference (`spellm_ds.inference.model`, with a KV cache
-and left padding) and the online teacher of training (`spellm_ds.model.teacher`, whole sequences, no cache).
+hidden state exactly. Two users: the exact fallback of inference (`spellm_ds.inference.fallback`, with a KV
+cache and left padding) and the online teacher of training (`spellm_ds.model.teacher`, whole sequences, no
+cache).
 
 A layer is run through a shallow twin (`with_module`) whose MLP child is the original one, so no module
 of the model is ever modified. Under ZeRO-3 the twin shares the layer's DeepSpeed hooks, and the
@@ -13,9 +14,9 @@ DeepSpeed's own hooks. The attention gets an additive 4-D mask built here (`tail
 causal, padding, sliding window by column as transformers builds it), so the `eager` and `sdpa`
 attention implementations are supported (`TAIL_ATTENTION`).
 
-For inference the tail keeps its own KV cache (`TailKV`, per layer `[B, g, T_max, e]` by sequence
-column) and `ExactFallback` tracks, per row of one `generate` call, which columns the tail has
-processed and the recorded layer L-N inputs it still needs.
+The tail's own KV cache for inference, and the per-row catch-up of one `generate` call, are
+`spellm_ds.inference.fallback`'s (`TailKV`, `ExactFallback`); here `run_original_tail` takes any cache
+object the decoder layers accept.
 """
 
 from __future__ import annotations
@@ -136,89 +137,3 @@ def run_original_tail(
         )
         x = out[0] if isinstance(out, tuple) else out
     return resolve_path(model.base, model.layout.norm)(x)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Exact fallback: the original tail's KV cache and per-row catch-up state for one `generate` call
-
-
-class TailKV:
-    """K/V of the original tail's layers for a batch, indexed by sequence column (allocated on first use)."""
-
-    def __init__(self, batch: int, capacity: int) -> None:
-        self.batch, self.capacity = batch, capacity
-        self.k: dict[int, Tensor] = {}
-        self.v: dict[int, Tensor] = {}
-
-    def view(self, rows: Tensor | None, start: int) -> TailKVView:
-        """The cache object one catch-up hands to the tail's decoder layers (rows None: every row)."""
-        return TailKVView(self, rows, start)
-
-
-class TailKVView:
-    """Duck-typed transformers cache: `update` writes new K/V at columns `start..` of `rows` and returns
-    every column up to the last written one for those rows."""
-
-    def __init__(self, kv: TailKV, rows: Tensor | None, start: int) -> None:
-        self.kv, self.rows, self.start = kv, rows, start
-
-    def update(
-        self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args: Any, **kwargs: Any
-    ) -> tuple[Tensor, Tensor]:
-        """Store this call's K/V `[n, g, q, e]` and return the layer's K/V of columns `0..start+q-1`."""
-        kv = self.kv
-        if layer_idx not in kv.k:
-            _, g, _, e = key_states.shape
-            kv.k[layer_idx] = key_states.new_zeros(kv.batch, g, kv.capacity, e)
-            kv.v[layer_idx] = value_states.new_zeros(kv.batch, g, kv.capacity, value_states.shape[-1])
-        k, v = kv.k[layer_idx], kv.v[layer_idx]
-        end = self.start + key_states.shape[2]
-        if end > kv.capacity:
-            raise RuntimeError(f"original-tail cache holds {kv.capacity} columns, asked for {end}")
-        if self.rows is None:
-            k[:, :, self.start : end] = key_states
-            v[:, :, self.start : end] = value_states
-            return k[:, :, :end], v[:, :, :end]
-        k[self.rows, :, self.start : end] = key_states
-        v[self.rows, :, self.start : end] = value_states
-        return k[self.rows, :, :end], v[self.rows, :, :end]
-
-
-class ExactFallback:
-    """Per-row progress of the original tail during one `generate` call of `owner` (a SpeLLMForCausalLM).
-
-    See `spellm_ds.inference.model` for when rows catch up; `owner.original_tail` runs the layers."""
-
-    def __init__(self, owner: Any, batch: int, capacity: int) -> None:
-        self.owner = owner
-        self.seen = [0] * batch  # columns the original tail has processed, per row
-        self.chunks: list[tuple[int, Tensor]] = []  # (first column, layer L-N inputs [B, n, d])
-        self.columns = 0
-        self.kv = TailKV(batch, capacity)
-        self.mask: Tensor | None = None  # Long[B, columns] the 2-D attention mask of the columns so far
-
-    def record(self, hidden: Tensor) -> None:
-        """Keep the layer L-N inputs `[B, n, d]` of the next n columns (called by the forward pre-hook)."""
-        self.chunks.append((self.columns, hidden))
-        self.columns += hidden.shape[1]
-
-    def hidden(self, rows: list[int] | None) -> Tensor:
-        """The original model's final normed hidden state `[n, d]` at the last column of `rows`."""
-        mask = self.mask
-        if mask is None or mask.shape[1] != self.columns:
-            raise RuntimeError("exact fallback: the attention mask does not match the recorded columns")
-        batch = len(self.seen)
-        ids = range(batch) if rows is None else rows
-        start = min(self.seen[r] for r in ids)
-        idx = None if rows is None or len(rows) == batch else torch.tensor(rows, device=mask.device)
-        pieces = [t[:, max(0, start - c0) :] for c0, t in self.chunks if c0 + t.shape[1] > start]
-        x = pieces[0] if len(pieces) == 1 else torch.cat(pieces, 1)
-        if idx is not None:
-            x, mask = x[idx], mask[idx]
-        position = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)[:, start:]
-        out = self.owner.original_tail(x, position, mask.bool(), start, self.kv.view(idx, start))
-        for r in ids:
-            self.seen[r] = self.columns
-        low = min(self.seen)
-        self.chunks = [(c0, t) for c0, t in self.chunks if c0 + t.shape[1] > low]
-        return out[:, -1]
