@@ -24,7 +24,7 @@ teacher's top-5 for token t+1 (index 0 is the teacher's top-1; shards store them
 - fallback path, of the kind the export uses at inference (`fallback`: "exact" where the export holds
   the original weights of its trained MLPs, else "approximate"; `--fallback` chooses):
   exact: the original model's argmax (the original tail run over the whole sequence in one pass, see
-  `spellm_ds.inference.model`), i.e. the teacher's own prediction; approximate: the original lm_head's argmax
+  `inference.fallback`), i.e. the teacher's own prediction; approximate: the original lm_head's argmax
   on the student's final hidden state. `fallback_top1` / `fallback_top5` = its agreement with the
   teacher's top-1 / membership in the top-5, over all positions. On shards whose teacher is the base
   model itself, the exact `fallback_top1` is 1 up to ties.

@@ -48,6 +48,7 @@ from spellm_ds.export.format import (
     PAPER_THRESHOLD,
     open_export,
 )
+from spellm_ds.inference.batching import eos_ids as resolve_eos_ids
 from spellm_ds.inference.decode import PATH_NAMES, CharDecoder, DecodeResult, decode_hidden, sample_logits
 from spellm_ds.inference.fallback import (
     FALLBACK_KINDS,
@@ -386,7 +387,7 @@ class SpeLLMForCausalLM(nn.Module):
         device = self.device
         b = input_ids.shape[0]
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device).long()
-        eos_ids = self._eos_ids(eos_token_id)
+        eos_ids = resolve_eos_ids(self.model.base, eos_token_id)
         pad = self._pad_id(pad_token_id, eos_ids)
         eos_t = torch.tensor(eos_ids or [-1], device=device)
         position = mask.cumsum(-1) - 1
@@ -463,16 +464,6 @@ class SpeLLMForCausalLM(nn.Module):
             tok.decode(row[out.paths[i] >= 0].tolist(), skip_special_tokens=True) for i, row in enumerate(new)
         ]
         return texts, out
-
-    def _eos_ids(self, eos_token_id: int | list[int] | None) -> list[int]:
-        if eos_token_id is None:
-            gen = getattr(self.model.base, "generation_config", None)
-            eos_token_id = getattr(gen, "eos_token_id", None)
-            if eos_token_id is None:
-                eos_token_id = getattr(self.model.base.config, "eos_token_id", None)
-        if eos_token_id is None:
-            return []
-        return [int(x) for x in (eos_token_id if isinstance(eos_token_id, (list, tuple)) else [eos_token_id])]
 
     def _pad_id(self, pad_token_id: int | None, eos_ids: list[int]) -> int:
         if pad_token_id is not None:

@@ -41,7 +41,7 @@ Activations per GPU (bf16, fused/flash attention so no S² term, no activation c
                                             fp32 logits and their gradient
     peak = B·S·(N·tail + head + transient) + chunk
 
-Inference with the exact fallback (spellm_ds.inference.model), not part of the training figures: beside the
+Inference with the exact fallback (spellm_ds.inference.fallback), not part of the training figures: beside the
 model, the GPU that holds its last N layers keeps the original MLPs of those layers, the original tail's
 own KV cache and the recorded inputs of layer L-N, in bf16 for B sequences of S tokens (the plan's
 micro-batch and sequence length):
