@@ -63,7 +63,7 @@ class DemoConfig:
     out: str = "runs/demo"  # every artefact and the report go here
     teacher: str | None = None  # any local HF causal LM dir; None uses `teacher_kind`
     teacher_kind: str = "smollm2"  # smollm2: the real pretrained teacher; toy: the self-trained one
-    teacher_args: list[str] = field(default_factory=list)  # extra flags of the teacher's data_prep module
+    teacher_args: list[str] = field(default_factory=list)  # extra flags of the teacher's examples module
     train_input: list[str] = field(default_factory=list)  # with --teacher: training text (globs)
     heldout_input: list[str] = field(default_factory=list)  # with --teacher: held-out text (globs)
     seq_len: int = 256

@@ -1,7 +1,7 @@
 """Progress messages through `logging`: one `spellm_ds` logger tree, shown on rank 0 unless asked otherwise.
 
 Library code logs with `get_logger("train")` (a child of `spellm_ds`) and never prints. Entry points
-(the CLI, `python -m data_prep...`) call `setup_logging(rank)` once: INFO and above go to stderr as
+(the CLI, `python -m examples...`) call `setup_logging(rank)` once: INFO and above go to stderr as
 `[spellm-ds train rank 0] message`, and a `RankFilter` drops records from ranks other than 0 unless the
 record carries `extra=ALL_RANKS` (a message every rank must show: a per-worker summary, an error on one
 rank). Applications that configure logging themselves may skip `setup_logging`; the records then go
