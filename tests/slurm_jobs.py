@@ -8,6 +8,7 @@ the tiny CPU case; each test file passes the sbatch options that fit its cluster
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -42,11 +43,12 @@ def cluster_session(
 
 
 def job_env(**extra: str) -> dict[str, str]:
-    """Environment overrides every job gets: this checkout, its venv, CPU ranks, a free rendezvous port."""
+    """Environment overrides every job gets: this checkout (and tests/, for the fault-injection callback),
+    its venv, CPU ranks, a free rendezvous port."""
     return {
         "REPO": str(REPO_ROOT),
         "VENV": str(REPO_ROOT / ".venv"),
-        "PYTHONPATH": str(REPO_ROOT),
+        "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), str(REPO_ROOT / "tests")]),  # + fault injection
         "DS_ACCELERATOR": "cpu",
         "MASTER_PORT": str(free_port()),
         "TOKENIZERS_PARALLELISM": "false",
@@ -99,7 +101,8 @@ def assert_same_shards(built_dir: Path, reference_dir: Path) -> None:
 
 
 def train_overrides(run_dir: Path, tiny_llama: Path, dataset: Path, changes: dict | None = None) -> str:
-    """EXTRA for distill_70b.sh: the tiny CPU recipe pointed at the test model, shards and run dir.
+    """EXTRA for distill_70b.sh: the tiny CPU recipe pointed at the test model, shards and run dir, with
+    the tests' fault-injection callback registered.
 
     `changes` replaces recipe values in place and appends new keys at the end."""
     values = {
@@ -117,6 +120,7 @@ def train_overrides(run_dir: Path, tiny_llama: Path, dataset: Path, changes: dic
         "log_interval": 1,
         "schedule.warmup_steps": 2,
         "warm_start.positions": 0,
+        "callbacks": "[fault_injection:from_env]",  # tests/fault_injection.py: SPELLM_TEST_* / SPELLM_TRACE_*
         **(changes or {}),
     }
     return " ".join(f"{key}={value}" for key, value in values.items())

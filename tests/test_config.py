@@ -1,6 +1,8 @@
-"""Run config (spellm_ds/config/run.py): strict YAML, typed dotted overrides, every problem reported at once,
-the batch identity, pre-flight checks of files/tokenizer/charset/shards, the shipped recipes and
-DeepSpeed JSONs, and `spellm-ds train` refusing bad input with exit code 2 before any process group.
+"""Run config (spellm_ds/config/: run.py, preflight.py, deepspeed.py, recipe.py): strict YAML, typed
+dotted overrides, every problem reported at once, the batch identity, pre-flight checks of
+files/tokenizer/charset/shards (and what preflight hands the trainer), the DeepSpeed fill, the shipped
+recipes and DeepSpeed JSONs, and `spellm-ds train` refusing bad input with exit code 2 before any
+process group.
 
 Shards for the pre-flight checks are written by hand with spellm_ds.data.shards (one shard of 2 samples).
 Run alone: `.venv/bin/python -m pytest tests/test_config.py -q`
@@ -17,15 +19,14 @@ import numpy as np
 import pytest
 import yaml
 
+from spellm_ds.config.deepspeed import DS_OWNED_KEYS, fill_ds_config
+from spellm_ds.config.preflight import preflight
 from spellm_ds.config.run import (
-    DS_OWNED_KEYS,
     BatchConfig,
     ConfigError,
     TrainConfig,
     config_from_dict,
-    fill_ds_config,
     load_config,
-    preflight,
 )
 from spellm_ds.errors import SpellmError
 from tests.conftest import REPO_ROOT
@@ -87,7 +88,7 @@ def test_overrides_are_dotted_and_typed(tmp_path):
             "data.skip_corrupt=true",
             "model.charset=tables/c.json",
             "checkpoint.resume=never",
-            "model.dtype=bf16",
+            "model.dtype=bfloat16",
             "max_steps=20",
         ],
     )
@@ -96,7 +97,7 @@ def test_overrides_are_dotted_and_typed(tmp_path):
     assert cfg.batch.grad_accum is None and cfg.batch.train == 64
     assert cfg.data.skip_corrupt is True
     assert cfg.model.charset == "tables/c.json"
-    assert cfg.checkpoint.resume == "never" and cfg.model.dtype == "bf16" and cfg.max_steps == 20
+    assert cfg.checkpoint.resume == "never" and cfg.model.dtype == "bfloat16" and cfg.max_steps == 20
 
 
 def test_every_problem_is_reported_at_once(tmp_path):
@@ -116,7 +117,7 @@ def test_every_problem_is_reported_at_once(tmp_path):
         "override optim=1: 'optim' is a section, set one of its keys",
         "unknown key 'bogus'",
         "missing required key 'max_steps'",
-        "model.dtype='fp16' is not one of fp32, bf16",
+        "model.dtype='fp16' is not one of float32, bfloat16",
         "model.k must be > 0, got 0",
         "data.seq_len='long' is not an integer",
         "optim.lr must be > 0, got -1.0",
@@ -125,6 +126,18 @@ def test_every_problem_is_reported_at_once(tmp_path):
     assert got == expected
     message = str(exc.value)
     assert message.startswith(f"config {tmp_path / 'run.yaml'}: {len(expected)} problem(s)")
+
+
+def test_callbacks_are_module_factory_paths_and_none_by_default(tmp_path):
+    assert load_config(_write(tmp_path, MINIMAL)).callbacks == []
+    cfg = load_config(_write(tmp_path, MINIMAL), ["callbacks=[fault_injection:from_env, a.b:c]"])
+    assert cfg.callbacks == ["fault_injection:from_env", "a.b:c"]
+    with pytest.raises(ConfigError) as exc:
+        load_config(_write(tmp_path, {**MINIMAL, "callbacks": ["fault_injection", ":f"]}))
+    assert _problems(exc) == [
+        "callbacks[0]='fault_injection' is not a module:factory import path",
+        "callbacks[1]=':f' is not a module:factory import path",
+    ]
 
 
 def test_range_problems_of_a_complete_config_include_cross_field_checks(tmp_path):
@@ -240,6 +253,14 @@ def test_preflight_accepts_a_consistent_setup(tmp_path, tiny_llama, model_hash):
     assert filled["optimizer"]["params"]["torch_adam"] is True  # kept from the JSON
     assert filled["bf16"]["enabled"] is False and filled["gradient_clipping"] == 1.0
     assert set(DS_OWNED_KEYS) >= {"train_batch_size", "optimizer.params.lr"}
+    cfg.model.dtype = "bfloat16"
+    assert fill_ds_config(pre.ds_config, cfg, pre)["bf16"]["enabled"] is True
+    # what the checks read is handed over, so the trainer reads none of it again
+    from spellm_ds.fingerprint import tokenizer_hash
+
+    assert tokenizer_hash(pre.tokenizer) == model_hash
+    assert pre.hf_config.num_hidden_layers == 6 and pre.hf_config.vocab_size > 0
+    assert pre.table is not None and pre.table.hash == table.hash
 
 
 def test_preflight_reports_every_input_problem_at_once(tmp_path, tiny_llama, metaspace_tokenizer, model_hash):
@@ -383,7 +404,7 @@ MEASURED = {
 
 
 def test_run_config_defaults_are_the_measured_recipe(tmp_path):
-    from spellm_ds.config.run import RECIPE_POLICY, recipe_deviations
+    from spellm_ds.config.recipe import RECIPE_POLICY, recipe_deviations
 
     assert RECIPE_POLICY == MEASURED
     assert recipe_deviations(load_config(_write(tmp_path, MINIMAL))) == {}
@@ -405,7 +426,7 @@ def _line_comment(text: str, key: str) -> str:
 
 @pytest.mark.parametrize("name", ["tiny_cpu", "demo_cpu", "llama3_8b", "llama3_70b"])
 def test_shipped_recipes_follow_the_measured_policy(name):
-    from spellm_ds.config.run import recipe_deviations
+    from spellm_ds.config.recipe import recipe_deviations
 
     path = REPO_ROOT / "configs" / f"{name}.yaml"
     text = path.read_text(encoding="utf-8")

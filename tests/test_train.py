@@ -26,6 +26,7 @@ import torch
 
 from spellm_ds.config.run import config_from_dict
 from spellm_ds.errors import SpellmError
+from spellm_ds.train.callbacks import load_callbacks
 from spellm_ds.train.checkpoint import (
     LATEST,
     META_NAME,
@@ -34,7 +35,8 @@ from spellm_ds.train.checkpoint import (
     resume_target,
     tag_for,
 )
-from spellm_ds.train.loop import EXIT_INTERRUPTED, EXIT_NONFINITE, lr_at
+from spellm_ds.train.loop import EXIT_INTERRUPTED, EXIT_NONFINITE
+from spellm_ds.train.schedule import lr_at
 from tests import train_helpers as th
 
 STEPS = 14
@@ -42,7 +44,7 @@ NAN = "3,4"
 
 
 # ---------------------------------------------------------------------------------------------------
-# Pure parts: schedule, checkpoint discovery and pruning
+# Pure parts: schedule, callbacks, checkpoint discovery and pruning
 
 
 def _cfg(**sched):
@@ -67,6 +69,25 @@ def test_lr_schedule_warmup_then_cosine():
     floor = _cfg(warmup_steps=0, min_lr=0.1)
     assert lr_at(0, floor) == pytest.approx(1.0)
     assert lr_at(10, floor) == pytest.approx(0.1)
+
+
+def test_callbacks_load_from_module_factory_paths_and_chain_the_loss(monkeypatch, tmp_path):
+    monkeypatch.setenv("SPELLM_TEST_NAN_BATCHES", "2")
+    monkeypatch.setenv("SPELLM_TRACE_SAMPLES", str(tmp_path / "trace"))
+    loaded = load_callbacks([th.FAULT_INJECTION, th.FAULT_INJECTION], rank=3)
+    assert [type(cb).__name__ for cb in loaded.callbacks] == ["FaultInjection", "FaultInjection"]
+    assert loaded.on_loss(1, torch.tensor(2.0)).item() == 2.0
+    assert math.isnan(loaded.on_loss(2, torch.tensor(2.0)).item())
+    loaded.on_samples(5, 1, torch.tensor([7, -1]))
+    loaded.close()
+    assert (tmp_path / "trace" / "rank3.tsv").read_text() == "5\t7,-1\n5\t7,-1\n"
+    assert load_callbacks([], rank=0).on_loss(1, torch.tensor(1.0)).item() == 1.0
+    with pytest.raises(SpellmError, match=r"callbacks\[0\]='no_such_module:f': cannot import"):
+        load_callbacks(["no_such_module:f"], rank=0)
+    with pytest.raises(SpellmError, match=r"has no callable 'nothing'"):
+        load_callbacks(["fault_injection:nothing"], rank=0)
+    with pytest.raises(SpellmError, match=r"returned float, not a spellm_ds.train.callbacks.Callback"):
+        load_callbacks(["math:fabs"], rank=0)
 
 
 def _fake_ckpt(root: Path, step: int, complete: bool = True) -> Path:

@@ -28,7 +28,8 @@ import torch
 from spellm_ds.config.run import config_from_dict
 from spellm_ds.errors import SpellmError
 from spellm_ds.train.checkpoint import LATEST, META_NAME, tag_for
-from spellm_ds.train.loop import EXIT_INTERRUPTED, _resume_target
+from spellm_ds.train.loop import EXIT_INTERRUPTED
+from spellm_ds.train.setup import resume_target_of
 from tests import train_helpers as th
 
 STEPS = 14
@@ -76,7 +77,8 @@ def online_run(tmp_path_factory, online_data):
 
 
 def test_token_only_shards_hold_ids_only_and_offline_training_refuses_them(online_data, tmp_path):
-    from spellm_ds.config.run import load_config, preflight
+    from spellm_ds.config.preflight import preflight
+    from spellm_ds.config.run import load_config
     from spellm_ds.data.shards import read_index
 
     _, teacher, _, tokens = online_data
@@ -126,12 +128,12 @@ def test_resuming_across_teacher_modes_is_refused(tmp_path):
     base = {"run_dir": str(tmp_path / "run"), "deepspeed": "d.json", "max_steps": 8, "model": {"path": "m"}}
     base["data"] = {"train": "t", "seq_len": 8}
     with pytest.raises(SpellmError, match=r"trained with teacher: online, this config has teacher: offline"):
-        _resume_target(config_from_dict(base))
-    assert _resume_target(config_from_dict({**base, "teacher": "online"})) == ck
+        resume_target_of(config_from_dict(base))
+    assert resume_target_of(config_from_dict({**base, "teacher": "online"})) == ck
     (ck / META_NAME).write_text(json.dumps({"step": 4, "world_size": 2}))  # written before the field: offline
-    assert _resume_target(config_from_dict(base)) == ck
+    assert resume_target_of(config_from_dict(base)) == ck
     with pytest.raises(SpellmError, match=r"trained with teacher: offline"):
-        _resume_target(config_from_dict({**base, "teacher": "online"}))
+        resume_target_of(config_from_dict({**base, "teacher": "online"}))
 
 
 @pytest.mark.dist

@@ -26,6 +26,10 @@ SEQ_LEN = 32
 TRAIN_SAMPLES = 64  # 8 shards of 8: each of 2 ranks gets 4 shards = 16 micro-batches of 2
 EVAL_SAMPLES = 16
 TRAINABLE_LAYERS = 2
+# The callback every test config registers (tests/fault_injection.py; tests/ is on the ranks' PYTHONPATH)
+FAULT_INJECTION = "fault_injection:from_env"
+# The ranks' PYTHONPATH: this checkout, and tests/ for the fault-injection callback
+RANK_PYTHONPATH = os.pathsep.join([str(REPO_ROOT), str(REPO_ROOT / "tests")])
 
 
 def build_tiny_dataset(
@@ -58,7 +62,10 @@ def build_tiny_dataset(
 
 
 def write_config(path: Path, *, model: Path, train: Path, held: Path, run_dir: Path, **top: Any) -> Path:
-    """Write a tiny run config (2 ranks x micro 2, fp32, ZeRO-3 on CPU) with top-level overrides."""
+    """Write a tiny run config (2 ranks x micro 2, float32, ZeRO-3 on CPU) with top-level overrides.
+
+    The config registers the tests' fault injection and tracing (`tests/fault_injection.py`), which the
+    SPELLM_TEST_* / SPELLM_TRACE_* variables of `launch` and `start` drive."""
     cfg: dict[str, Any] = {
         "run_dir": str(run_dir),
         "deepspeed": str(REPO_ROOT / "ds_configs" / "zero3_cpu.json"),
@@ -66,7 +73,7 @@ def write_config(path: Path, *, model: Path, train: Path, held: Path, run_dir: P
         "seed": 0,
         "log_interval": 1,
         "max_consecutive_nonfinite": 3,
-        "model": {"path": str(model), "trainable_layers": TRAINABLE_LAYERS, "k": 10, "dtype": "fp32"},
+        "model": {"path": str(model), "trainable_layers": TRAINABLE_LAYERS, "k": 10, "dtype": "float32"},
         "data": {"train": str(train), "eval": str(held), "seq_len": SEQ_LEN, "num_workers": 0},
         "batch": {"micro": 2, "grad_accum": None, "train": 4},
         "optim": {"lr": 0.01, "betas": [0.9, 0.95], "weight_decay": 0.0, "grad_clip": 1.0},
@@ -75,6 +82,7 @@ def write_config(path: Path, *, model: Path, train: Path, held: Path, run_dir: P
         "warm_start": {"positions": 0},  # zero heads at step 0: these runs test mechanics, not fidelity
         "eval": {"interval": 7, "batches": 2, "text_samples": 1},
         "checkpoint": {"interval": 4, "keep_latest_k": 2, "resume": "auto"},
+        "callbacks": [FAULT_INJECTION],
     }
     cfg.update(top)
     path.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
@@ -82,7 +90,8 @@ def write_config(path: Path, *, model: Path, train: Path, held: Path, run_dir: P
 
 
 def base_env(**extra: str) -> dict[str, str]:
-    """Environment for a launched run: CPU accelerator, one thread per rank, no inherited rank variables."""
+    """Environment for a launched run: CPU accelerator, one thread per rank, no inherited rank variables,
+    tests/ importable (the fault-injection callback)."""
     env = {
         k: v
         for k, v in os.environ.items()
@@ -93,7 +102,7 @@ def base_env(**extra: str) -> dict[str, str]:
         DS_ACCELERATOR="cpu",
         OMP_NUM_THREADS="1",
         TOKENIZERS_PARALLELISM="false",
-        PYTHONPATH=str(REPO_ROOT),
+        PYTHONPATH=RANK_PYTHONPATH,
         HF_HUB_OFFLINE="1",
         TRANSFORMERS_OFFLINE="1",
     )

@@ -1,4 +1,4 @@
-"""Run configuration: dataclasses, strict YAML loading, `key=value` overrides and up-front checks.
+"""Run configuration: the sections of a run config, strict YAML loading and `key=value` overrides.
 
 A run config is one YAML file whose sections map to the dataclasses below (see `configs/*.yaml`).
 Loading is strict: an unknown key, a wrong type or an out-of-range value is a problem, and every
@@ -8,10 +8,20 @@ problem found is reported in one `SpellmError`. Overrides use dotted keys (`opti
 Two stages of checks:
 
 * `load_config()` / the dataclasses' `__post_init__`: the file alone (keys, types, ranges, choices).
-* `preflight(config, world_size)`: everything that needs the file system or the launch, run by the
-  trainer before any process-group work: files exist, N fits the model's layer count, the charset,
-  tokenizer and shards belong together (tokenizer hashes, sequence length, k), the DeepSpeed JSON has
-  concrete values, and `train_batch = micro_batch x grad_accum x world_size` holds.
+* `spellm_ds.config.preflight.preflight(config, world_size)`: everything that needs the file system or
+  the launch, run by the trainer before any process-group work (files, tokenizer, charset, shards,
+  the DeepSpeed JSON, the batch identity).
+
+Beside it: `spellm_ds.config.recipe` (the measured defaults every shipped recipe follows) and
+`spellm_ds.config.deepspeed` (the run config's values filled into the DeepSpeed JSON).
+
+Callbacks (`callbacks:`, a list of `module:factory` import paths, empty by default): code outside the
+library that the trainer calls at fixed points of the loop (`spellm_ds.train.callbacks.Callback`: a
+micro-batch's sample indices drawn, its loss computed (the callback may replace it), the online
+teacher's top-k of a training micro-batch known, an optimizer step done). Each factory is imported and
+called once per rank at start with that rank and returns a `Callback`; the module must be importable by
+every rank (on its `PYTHONPATH`). The tests register their fault injection and sample tracing this
+way (`tests/fault_injection.py`); a normal run lists none.
 
 Relative paths resolve against the current directory.
 """
@@ -29,12 +39,12 @@ import yaml
 
 from spellm_ds.config.schema import ConfigError, Section, build, positive, set_dotted
 from spellm_ds.errors import SpellmError
-from spellm_ds.jsonio import read_json
 
 Selection = Literal["lowest", "teacher_prior"]
 Regularizer = Literal["kl6", "ce_top1", "kl_full", "none"]
 TeacherMode = Literal["offline", "online"]
-DType = Literal["fp32", "bf16"]
+# The training dtypes: two of the names of `spellm_ds.dtypes`.
+TrainDType = Literal["float32", "bfloat16"]
 
 
 @dataclass(kw_only=True)
@@ -49,8 +59,8 @@ class ModelConfig(Section):
     """Number of char heads (characters predicted per token)."""
     charset: str | None = None
     """CharTable file (`CharTable.save`); None builds it from the model's tokenizer at start."""
-    dtype: DType = "fp32"
-    """Training dtype of the weights: fp32 (exact CPU tests) or bf16 (GPU runs)."""
+    dtype: TrainDType = "float32"
+    """Training dtype of the weights: float32 (exact CPU tests) or bfloat16 (GPU runs)."""
 
     def problems(self) -> list[str]:
         p: list[str] = []
@@ -312,10 +322,18 @@ class TrainConfig(Section):
     warm_start: WarmStartConfig = field(default_factory=WarmStartConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    callbacks: list[str] = field(default_factory=list)
+    """`module:factory` import paths of training callbacks (see the module docstring); empty in normal
+    runs. Each factory is called once per rank at start with the rank and returns a
+    `spellm_ds.train.callbacks.Callback`."""
 
     def problems(self) -> list[str]:
         p: list[str] = []
         positive(p, "max_steps", self.max_steps)
+        for i, path in enumerate(self.callbacks):
+            module, sep, factory = path.partition(":")
+            if not (sep and module.strip() and factory.strip()):
+                p.append(f"callbacks[{i}]={path!r} is not a module:factory import path")
         positive(p, "max_consecutive_nonfinite", self.max_consecutive_nonfinite)
         positive(p, "log_interval", self.log_interval)
         if self.schedule.warmup_steps > self.max_steps:
@@ -350,38 +368,6 @@ class TrainConfig(Section):
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
-# The measured recipe: the run-config defaults of these fields, which every shipped recipe uses too. Each
-# was chosen by a measurement on the real teacher at the demo's budget (`bench/fidelity.py`, results in
-# docs/RESULTS.md under `fidelity`). A shipped recipe may deviate from one for its scale only with a
-# comment on that line that starts with `scale:` and gives the reason (tests/test_config.py checks this).
-RECIPE_KEYS = (
-    "loss.selection",
-    "loss.tau",
-    "loss.regularizer",
-    "loss.reg_weight",
-    "warm_start.positions",
-    "warm_start.iters",
-    "warm_start.l2",
-    "optim.lr",
-    "optim.mlp_lr_scale",
-)
-_SECTIONS = {"loss": LossConfig, "warm_start": WarmStartConfig, "optim": OptimConfig}
-RECIPE_POLICY: dict[str, Any] = {
-    key: getattr(_SECTIONS[key.split(".")[0]](), key.split(".")[1]) for key in RECIPE_KEYS
-}
-
-
-def recipe_deviations(cfg: TrainConfig) -> dict[str, tuple[Any, Any]]:
-    """The policy keys where `cfg` differs from `RECIPE_POLICY`: key -> (value, policy value)."""
-    out: dict[str, tuple[Any, Any]] = {}
-    for key, want in RECIPE_POLICY.items():
-        section, name = key.split(".")
-        value = getattr(getattr(cfg, section), name)
-        if value != want:
-            out[key] = (value, want)
-    return out
-
-
 def config_from_dict(
     data: dict[str, Any], overrides: list[str] | None = None, source: str = "<dict>"
 ) -> TrainConfig:
@@ -412,208 +398,3 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
     if data is not None and not isinstance(data, dict):
         raise SpellmError(f"config {p}: the top level must be a mapping of sections")
     return config_from_dict(data or {}, overrides, source=str(p))
-
-
-# ---------------------------------------------------------------------------------------------------
-# Pre-flight: file system, model, tokenizer, charset, shards, DeepSpeed JSON, batch identity
-# ---------------------------------------------------------------------------------------------------
-
-
-@dataclass(kw_only=True)
-class Preflight:
-    """What the checks learned, so the trainer does not read it twice."""
-
-    micro: int
-    grad_accum: int
-    train_batch: int
-    num_layers: int
-    tokenizer_hash: str
-    train_index: dict[str, Any]
-    eval_index: dict[str, Any] | None
-    ds_config: dict[str, Any]
-
-
-def _find_auto(obj: Any, path: str = "") -> list[str]:
-    found: list[str] = []
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            found += _find_auto(v, f"{path}.{k}" if path else str(k))
-    elif isinstance(obj, list):
-        for i, v in enumerate(obj):
-            found += _find_auto(v, f"{path}[{i}]")
-    elif obj == "auto":
-        found.append(path)
-    return found
-
-
-def _is_remote(location: str) -> bool:
-    return "://" in location or location.startswith("pipe:")
-
-
-def _check_shards(
-    kind: str, location: str, cfg: TrainConfig, tok_hash: str | None, vocab: int | None, problems: list[str]
-) -> dict[str, Any] | None:
-    from spellm_ds.data.shards import read_index
-
-    if not _is_remote(location) and not Path(location).is_dir():
-        problems.append(f"data.{kind}: shard directory {location} does not exist")
-        return None
-    try:
-        index = read_index(location)
-    except SpellmError as exc:
-        problems.append(f"data.{kind}: {exc}")
-        return None
-    if index["seq_len"] != cfg.data.seq_len:
-        problems.append(
-            f"data.{kind}: shards in {location} have seq_len {index['seq_len']}, config data.seq_len is "
-            f"{cfg.data.seq_len}"
-        )
-    if tok_hash is not None and index["tokenizer_hash"] != tok_hash:
-        problems.append(
-            f"data.{kind}: shards in {location} were built with another tokenizer (index.json tokenizer_hash "
-            f"{index['tokenizer_hash'][:12]}..., model {cfg.model.path} has {tok_hash[:12]}...)"
-        )
-    if vocab is not None and index["vocab_size"] > vocab:
-        problems.append(
-            f"data.{kind}: shards in {location} have vocab_size {index['vocab_size']} > the model's {vocab}"
-        )
-    if index["totals"]["samples"] < 1:
-        problems.append(f"data.{kind}: shards in {location} hold no samples")
-    if cfg.teacher == "offline" and not index["top_k"]:
-        problems.append(
-            f"data.{kind}: shards in {location} hold input ids only (built with --no-teacher, top_k 0); "
-            "teacher: offline needs the teacher's top-k in the shards: set teacher=online or build "
-            "teacher shards"
-        )
-    return index
-
-
-def preflight(cfg: TrainConfig, world_size: int) -> Preflight:
-    """Check everything outside the YAML before any process-group work; raise once with every problem."""
-    problems: list[str] = []
-    model_dir = Path(cfg.model.path)
-    num_layers, vocab, tok_hash = 0, None, None
-    if not (model_dir / "config.json").is_file():
-        problems.append(f"model.path: {model_dir} is not a HF model directory (no config.json)")
-    else:
-        from transformers import AutoConfig, AutoTokenizer
-
-        from spellm_ds.fingerprint import tokenizer_hash
-
-        try:
-            hf_cfg = AutoConfig.from_pretrained(str(model_dir))
-            num_layers = int(getattr(hf_cfg, "num_hidden_layers", 0))
-            vocab = int(getattr(hf_cfg, "vocab_size", 0)) or None
-        except (OSError, ValueError) as exc:
-            problems.append(f"model.path: cannot read {model_dir}/config.json ({exc})")
-        if num_layers and cfg.model.trainable_layers > num_layers:
-            problems.append(
-                f"model.trainable_layers={cfg.model.trainable_layers} is larger than the model's "
-                f"{num_layers} decoder layers ({model_dir})"
-            )
-        try:
-            tok = AutoTokenizer.from_pretrained(str(model_dir))
-            tok_hash = tokenizer_hash(tok)
-        except (OSError, ValueError) as exc:
-            problems.append(f"model.path: cannot load the tokenizer of {model_dir} ({exc})")
-    if cfg.model.charset is not None:
-        cs = Path(cfg.model.charset)
-        if not cs.is_file():
-            problems.append(f"model.charset: {cs} does not exist")
-        else:
-            from spellm_ds.charset import CharTable
-
-            try:
-                table = CharTable.load(cs)
-            except (SpellmError, OSError) as exc:
-                problems.append(f"model.charset: {exc}")
-            else:
-                if tok_hash is not None and table.tokenizer_hash != tok_hash:
-                    problems.append(
-                        f"model.charset: {cs} was built for another tokenizer than {model_dir}'s "
-                        f"({table.tokenizer_hash[:12]}... != {tok_hash[:12]}...)"
-                    )
-                if table.k != cfg.model.k:
-                    problems.append(f"model.charset: {cs} has k={table.k}, config model.k={cfg.model.k}")
-    train_index = _check_shards("train", cfg.data.train, cfg, tok_hash, vocab, problems)
-    eval_index = None
-    if cfg.data.eval:
-        eval_index = _check_shards("eval", cfg.data.eval, cfg, tok_hash, vocab, problems)
-    ds_config: dict[str, Any] = {}
-    ds_path = Path(cfg.deepspeed)
-    if not ds_path.is_file():
-        problems.append(f"deepspeed: {ds_path} does not exist")
-    else:
-        try:
-            ds_config = read_json(ds_path, "DeepSpeed config")
-        except SpellmError as exc:
-            problems.append(f"deepspeed: {exc}")
-        else:
-            autos = _find_auto(ds_config)
-            if autos:
-                problems.append(
-                    f'deepspeed: {ds_path} uses "auto" at {", ".join(autos)}; give concrete values'
-                )
-            if "scheduler" in ds_config:
-                problems.append(
-                    f"deepspeed: {ds_path} has a 'scheduler' section; the schedule comes from the run "
-                    "config (schedule.warmup_steps, schedule.min_lr)"
-                )
-            stage = ds_config.get("zero_optimization", {}).get("stage")
-            if stage != 3:
-                problems.append(f"deepspeed: {ds_path} must use zero_optimization.stage 3, got {stage}")
-    micro = accum = train_batch = 0
-    try:
-        micro, accum, train_batch = cfg.batch.resolve(world_size)
-    except SpellmError as exc:
-        problems.append(str(exc))
-    resume = cfg.checkpoint.resume
-    if resume not in ("auto", "never") and not Path(resume).is_dir():
-        problems.append(f"checkpoint.resume: {resume} is not auto, never or an existing checkpoint directory")
-    if problems:
-        raise ConfigError("cannot start training", problems)
-    assert train_index is not None and tok_hash is not None
-    return Preflight(
-        micro=micro,
-        grad_accum=accum,
-        train_batch=train_batch,
-        num_layers=num_layers,
-        tokenizer_hash=tok_hash,
-        train_index=train_index,
-        eval_index=eval_index,
-        ds_config=ds_config,
-    )
-
-
-# Keys of the DeepSpeed JSON that the trainer sets from the run config (values in the JSON are replaced).
-DS_OWNED_KEYS = (
-    "train_batch_size",
-    "train_micro_batch_size_per_gpu",
-    "gradient_accumulation_steps",
-    "gradient_clipping",
-    "optimizer.params.lr",
-    "optimizer.params.betas",
-    "optimizer.params.eps",
-    "optimizer.params.weight_decay",
-    "bf16.enabled",
-    "fp16.enabled",
-    "seed",
-)
-
-
-def fill_ds_config(ds: dict[str, Any], cfg: TrainConfig, pre: Preflight) -> dict[str, Any]:
-    """Return a copy of the DeepSpeed config with the run-owned keys (`DS_OWNED_KEYS`) set from `cfg`."""
-    out = json.loads(json.dumps(ds))
-    out["train_batch_size"] = pre.train_batch
-    out["train_micro_batch_size_per_gpu"] = pre.micro
-    out["gradient_accumulation_steps"] = pre.grad_accum
-    out["gradient_clipping"] = cfg.optim.grad_clip
-    opt = out.setdefault("optimizer", {"type": "AdamW", "params": {"torch_adam": True}})
-    params = opt.setdefault("params", {})
-    params.update(
-        lr=cfg.optim.lr, betas=list(cfg.optim.betas), eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay
-    )
-    out["bf16"] = {**out.get("bf16", {}), "enabled": cfg.model.dtype == "bf16"}
-    out["fp16"] = {**out.get("fp16", {}), "enabled": False}
-    out["seed"] = cfg.seed
-    return out
