@@ -26,7 +26,7 @@ from spellm_ds.errors import SpellmError
 from spellm_ds.export.write import export_checkpoint
 from spellm_ds.inference.model import SpeLLMForCausalLM
 from spellm_ds.model.student import build_spellm_model
-from spellm_ds.train.checkpoint import ZeroCheckpoint
+from spellm_ds.train.zero_files import ZeroCheckpoint
 from tests.conftest import REPO_ROOT, free_port
 from tests.export_helpers import TRAINABLE_LAYERS, K, make_zero3_checkpoint
 

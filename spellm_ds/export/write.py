@@ -66,7 +66,7 @@ from spellm_ds.export.originals import (
     original_mlps_record,
     write_original_mlps,
 )
-from spellm_ds.train.checkpoint import ZeroCheckpoint, checkpoint_meta, checkpoint_table, natural_key
+from spellm_ds.train.zero_files import ZeroCheckpoint, checkpoint_meta, checkpoint_table, natural_key
 
 BASE_PREFIX = "base."
 HEADS_NAME = "char_heads.weight"
