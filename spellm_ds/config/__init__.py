@@ -1,1 +1,1 @@
-"""Run configuration: the validation schema, the run config's sections, recipe policy, preflight."""
+"""Run configuration: validation schema, the run config, recipe policy, preflight, DeepSpeed fill."""

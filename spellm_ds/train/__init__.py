@@ -1,1 +1,1 @@
-"""Training: the loop and its step, schedule, checkpoints, run reports, warm start and losses."""
+"""Training: setup, loop, schedule, signals, callbacks, checkpoints, reports, warm start, losses."""
