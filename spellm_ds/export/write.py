@@ -12,7 +12,7 @@ weights and config; loading checks the recorded base model and applies the delta
 Original weights for the exact fallback: `spellm_ds.export.originals` (a full export carries them in
 `original_mlps.safetensors`, a delta export's base model holds them).
 
-How tensors are read. `spellm_ds.train.checkpoint.ZeroCheckpoint` maps every rank's files (no process group,
+How tensors are read. `train.zero_files.ZeroCheckpoint` maps every rank's files (no process group,
 no model) and gives one full tensor at a time: trained ones from the fp32 master partitions, frozen
 ones from every rank's `frozen_param_fragments`. Frozen parameters come back in the
 training dtype (the checkpoint holds no fp32 copy of them). A checkpoint without frozen fragments gets
