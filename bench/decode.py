@@ -84,6 +84,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from spellm_ds.charset import CharTable
+from spellm_ds.dtypes import torch_dtype
 from spellm_ds.export.format import PAPER_THRESHOLD
 from spellm_ds.inference.model import SpeLLMForCausalLM
 from spellm_ds.model.tail import cache_kwarg, returned_cache
@@ -644,7 +645,7 @@ def main(argv: list[str] | None = None) -> None:
         ap.error(f"--save {args.save!r}: use letters, digits, '-' and '_' only")
     reps = args.reps if args.reps is not None else (3 if args.full_model else 5)
     torch.set_num_threads(args.threads)
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    dtype = torch_dtype(args.dtype, "--dtype")
     if args.full_model:
         res = {
             "full_model": bench_full_model(
