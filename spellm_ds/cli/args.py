@@ -138,3 +138,21 @@ def config_from_args(cls: type[T], args: argparse.Namespace, **values: Any) -> T
     if not ok:
         raise ConfigError(f"options{f' and {source}' if source else ''}", problems)
     return obj
+
+
+def add_export_options(
+    parser: argparse.ArgumentParser, *, base_model: bool = True, remote_code: bool = False
+) -> None:
+    """The options of a command that loads an export: `--model`, `--base-model`, `--trust-remote-code`."""
+    parser.add_argument("--model", required=True, metavar="DIR", help="export directory")
+    if base_model:
+        parser.add_argument("--base-model", default=None, metavar="DIR", help="base model of a delta export")
+    if remote_code:
+        parser.add_argument(
+            "--trust-remote-code", action="store_true", help="allow the model's own code to run"
+        )
+
+
+def add_device_option(parser: argparse.ArgumentParser) -> None:
+    """`--device`: where a command runs the model."""
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when present)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from spellm_ds.cli.args import add_device_option, add_export_options
 from spellm_ds.dist import default_device
 from spellm_ds.errors import SpellmError
 
@@ -18,7 +19,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
         "threshold that reaches a target top-1 agreement, the fallback path's accuracy, AUROC of entropy as "
         "an error predictor.",
     )
-    p.add_argument("--model", required=True, metavar="DIR", help="export directory")
+    add_export_options(p, remote_code=True)
     p.add_argument("--shards", required=True, metavar="DIR", help="held-out teacher-shard directory")
     p.add_argument("--json", default=None, metavar="OUT", help="write the metrics JSON here")
     p.add_argument("--plot", default=None, metavar="PNG", help="plot path (default: beside --json)")
@@ -34,7 +35,6 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--max-samples", type=int, default=None)
-    p.add_argument("--base-model", default=None, metavar="DIR", help="base model of a delta export")
     p.add_argument(
         "--fallback",
         default=None,
@@ -42,8 +42,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
         help="fallback kind to evaluate and calibrate (default: the one the export loads with, exact where "
         "it holds the original MLPs); the approximate figures are always reported too",
     )
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when present)")
-    p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code to run")
+    add_device_option(p)
     p.set_defaults(func=_run_eval)
 
 
@@ -102,7 +101,7 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
         description="Greedy continuations of held-out shard prompts by the teacher and by the student "
         "(without and with fallback): agreement before the first divergence; text prompts side by side.",
     )
-    p.add_argument("--model", required=True, metavar="DIR", help="export directory")
+    add_export_options(p)
     p.add_argument("--teacher", required=True, metavar="DIR", help="the teacher's HF directory")
     p.add_argument(
         "--shards", default=None, metavar="DIR", help="held-out shards: prompts are sample prefixes"
@@ -113,8 +112,7 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--text", action="append", default=[], help="a text prompt shown in full (repeatable)")
     p.add_argument("--text-tokens", type=int, default=48, help="greedy tokens per text prompt (default 48)")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--base-model", default=None, metavar="DIR", help="base model of a delta export")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when present)")
+    add_device_option(p)
     p.add_argument("--json", default=None, metavar="OUT", help="also write the result JSON here")
     p.set_defaults(func=_run_compare)
 
@@ -166,7 +164,7 @@ def _add_lm_eval_local(sub: argparse._SubParsersAction) -> None:
         "YAMLs of a local directory whose data paths are relative to each YAML; needs the `eval` extra. "
         "Prints the results table and the share of positions taken by each path.",
     )
-    p.add_argument("--model", required=True, metavar="DIR", help="export directory")
+    add_export_options(p, base_model=False)
     p.add_argument("--tasks-dir", required=True, metavar="D", help="directory of task YAMLs and their data")
     p.add_argument("--tasks", required=True, help="comma-separated task names")
     p.add_argument(
@@ -179,7 +177,7 @@ def _add_lm_eval_local(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output", default=None, metavar="JSON", help="write the results and counters here")
     p.add_argument("--limit", type=float, default=None, help="documents per task (a fraction when < 1)")
     p.add_argument("--batch-size", default="1", help="an integer, or auto")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when present)")
+    add_device_option(p)
     p.add_argument("--seed", type=int, default=0, help="seed of sampling and few-shot selection")
     p.add_argument("--log-samples", action="store_true", help="keep per-document samples in --output")
     p.set_defaults(func=_run_lm_eval_local)

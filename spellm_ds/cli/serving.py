@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from spellm_ds.cli.args import add_device_option, add_export_options
 from spellm_ds.dist import default_device
 from spellm_ds.dtypes import TORCH_DTYPES
 
@@ -70,7 +71,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
         help="generate text with a SpeLLM export (char heads, AutoCorrect, entropy fallback)",
         description="Generate from one or more prompts and print the text and the decode-path counters.",
     )
-    p.add_argument("--model", required=True, metavar="DIR", help="export directory")
+    add_export_options(p, remote_code=True)
     p.add_argument("--prompt", required=True, action="append", help="prompt text (repeat for a batch)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -86,10 +87,8 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
         "hidden state (default: exact where the export holds the original MLPs)",
     )
     p.add_argument("--no-autocorrect", action="store_true", help="fall back instead of AutoCorrect on misses")
-    p.add_argument("--base-model", default=None, metavar="DIR", help="base model of a delta export")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when present)")
+    add_device_option(p)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
-    p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code to run")
     p.set_defaults(func=_run_generate)
 
 
